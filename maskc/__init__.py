@@ -1,0 +1,37 @@
+"""maskc: a mask compiler for attention.
+
+Describe *what* may attend to *what* as an expression (``maskc.ir``), compile it
+(``maskc.compile``) into a block map, empty rows and columns, block-sparse index
+tables and an attention op. See README.md and DESIGN.md.
+"""
+
+from .compiler import EMPTY, FULL, PARTIAL, CompiledMask, TileKind, compile
+from .errors import SpecError
+from .ir import (
+    And,
+    Causal,
+    Chunked,
+    Dense,
+    Documents,
+    Empty,
+    Full,
+    Mask,
+    Not,
+    Or,
+    Predicate,
+    Prefix,
+    Range,
+    SlidingWindow,
+    Spec,
+    json_schema,
+    load,
+    loads,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMPTY", "FULL", "PARTIAL", "And", "Causal", "Chunked", "CompiledMask", "Dense", "Documents", "Empty",
+    "Full", "Mask", "Not", "Or", "Predicate", "Prefix", "Range", "SlidingWindow", "Spec", "SpecError",
+    "TileKind", "compile", "json_schema", "load", "loads",
+]

@@ -1,0 +1,201 @@
+"""``maskc.compile``: spec -> simplified IR -> analysis -> tables -> ``CompiledMask``.
+
+The whole lowering is the list ``PASSES``; the pass manager orders it by what
+each pass needs and provides (see ``passes/pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import cached_property
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import SpecError
+from .ir import nodes as ir
+from .ir.spec import Spec
+from .passes.classify import BlockMap, Classify
+from .passes.empty import EmptyRowsCols
+from .passes.lower import Bounds, Lower
+from .passes.pipeline import run_pipeline
+from .passes.simplify import Simplify
+from .passes.tables import EmitTables, Table
+
+PASSES = (Simplify(), Lower(), Classify(), EmptyRowsCols(), EmitTables())
+
+
+class TileKind(enum.IntEnum):
+    """What a ``(q_block, kv_block)`` tile holds; the values of ``block_kinds``."""
+
+    EMPTY = 0  # no allowed pair: never visited
+    PARTIAL = 1  # some allowed, some masked: the mask predicate runs here
+    FULL = 2  # every in-range pair allowed: runs with no mask code
+
+
+EMPTY, PARTIAL, FULL = TileKind.EMPTY, TileKind.PARTIAL, TileKind.FULL
+
+
+def _block_sizes(block_size) -> tuple[int, int]:
+    sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(sizes) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+        raise ValueError(f"{block_size=} must be a positive int or a (q, kv) pair of positive ints")
+    return sizes
+
+
+class CompiledMask:
+    """A compiled mask: block map, empty rows/columns, index tables, and the attention op.
+
+    Created by ``maskc.compile``. Attributes:
+
+    * ``block_kinds``: ``uint8[H_mask, q_blocks, kv_blocks]`` of ``EMPTY``/``PARTIAL``/``FULL``
+      (built from the tables on first access);
+    * ``empty_rows``/``empty_cols``: sorted ``int64`` positions; for a per-head
+      mask, a tuple with one tensor per head;
+    * ``table``: ``passes.tables.Table`` (layout documented there); ``nbytes``.
+    """
+
+    def __init__(self, spec: Spec, block_size=128, debug: Optional[Callable[[str], None]] = None):
+        if not isinstance(spec, Spec):
+            raise TypeError(f"maskc.compile expects a maskc.Spec, got {type(spec).__name__}")
+        self.spec = spec
+        self.block_size = _block_sizes(block_size)
+        state = run_pipeline(PASSES, {"spec": spec, "block_size": self.block_size}, debug=debug)
+        self.simplified: Spec = state["simplified"]
+        self.table: Table = state["table"]
+        slots = list(dict.fromkeys(self.simplified.heads))
+        self.slot_masks: tuple[ir.Mask, ...] = tuple(slots)
+        self.bounds: tuple[Bounds, ...] = tuple(state["rows"][m] for m in slots)
+        self.block_maps: tuple[BlockMap, ...] = tuple(state["block_maps"][m] for m in slots)
+        empties = [state["empty"][m] for m in self.simplified.heads]
+        rows = tuple(torch.from_numpy(r) for r, _ in empties)
+        cols = tuple(torch.from_numpy(c) for _, c in empties)
+        shared = not isinstance(spec.mask, tuple)
+        self.empty_rows = rows[0] if shared else rows
+        self.empty_cols = cols[0] if shared else cols
+        bm = self.block_maps[0]
+        self.n_q_blocks, self.n_kv_blocks = bm.n_q_blocks, bm.n_kv_blocks
+
+    # -- shape ------------------------------------------------------------------
+    @property
+    def q_len(self) -> int:
+        return self.spec.q_len
+
+    @property
+    def kv_len(self) -> int:
+        return self.spec.kv_len
+
+    @property
+    def n_heads(self) -> int:
+        """``H_mask``: 1 for a head-shared mask, else the number of per-head masks."""
+        return len(self.simplified.heads)
+
+    @property
+    def has_opaque(self) -> bool:
+        return any(bm.patterns is not None for bm in self.block_maps)
+
+    # -- the block map ----------------------------------------------------------------
+    @cached_property
+    def block_kinds(self) -> torch.Tensor:
+        """``uint8[H_mask, q_blocks, kv_blocks]``: ``EMPTY``, ``PARTIAL`` or ``FULL`` per tile."""
+        per_slot = np.zeros((len(self.block_maps), self.n_q_blocks, self.n_kv_blocks), dtype=np.uint8)
+        for s, bm in enumerate(self.block_maps):
+            for runs, kind in ((bm.full, FULL), (bm.partial, PARTIAL)):
+                q, k = runs.cells()
+                per_slot[s, q, k] = kind
+        slot = self.table.head_slot.numpy()
+        return torch.from_numpy(per_slot[slot] if len(slot) > 1 else per_slot)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the block map runs, the index tables, patterns and row intervals."""
+        runs = sum(
+            r.nbytes for bm in self.block_maps for x in (bm.full, bm.partial) for r in (x.group, x.lo, x.hi)
+        )
+        rows = sum(b.sure.lo.nbytes + b.sure.hi.nbytes for b in self.bounds)
+        return runs + rows + self.table.nbytes
+
+    def tile_counts(self) -> dict[str, int]:
+        """Tiles of each kind, summed over mask heads."""
+        total = len(self.table.head_slot) * self.n_q_blocks * self.n_kv_blocks
+        slot = self.table.head_slot.tolist()
+        full = sum(self.block_maps[s].full.tiles for s in slot)
+        partial = sum(self.block_maps[s].partial.tiles for s in slot)
+        return {"full": full, "partial": partial, "empty": total - full - partial}
+
+    def allowed_pairs(self) -> int:
+        """Allowed ``(query, key)`` pairs, summed over mask heads (exact)."""
+        bq, bk = self.block_size
+        per_slot = []
+        for bounds, bm in zip(self.bounds, self.block_maps):
+            if bm.patterns is None:
+                per_slot.append(int(bounds.sure.counts().sum()))
+                continue
+            f = bm.full  # FULL tiles count their in-range area, PARTIAL ones their bits
+            rows = np.minimum((f.group + 1) * bq, self.q_len) - f.group * bq
+            cols = np.minimum(f.hi * bk, self.kv_len) - f.lo * bk
+            per_slot.append(int((rows * cols).sum() + bm.patterns[bm.pattern_of].sum()))
+        return sum(per_slot[s] for s in self.table.head_slot.tolist())
+
+    # -- debugging ----------------------------------------------------------------
+    def dense(self, head: int = 0) -> torch.Tensor:
+        """``bool[q_len, kv_len]``: the mask of one head, evaluated densely (debugging only)."""
+        if self.q_len * self.kv_len > ir.MAX_DENSE_ELEMENTS:
+            raise ValueError(
+                f"dense() would hold {self.q_len} x {self.kv_len} = {self.q_len * self.kv_len} elements, more "
+                f"than maskc.ir.MAX_DENSE_ELEMENTS={ir.MAX_DENSE_ELEMENTS}; inspect block_kinds, show() or a "
+                "partition tile instead"
+            )
+        mask = self.spec.heads[head]
+        i = np.arange(self.q_len, dtype=np.int64)[:, None]
+        j = np.arange(self.kv_len, dtype=np.int64)[None, :]
+        return torch.from_numpy(np.ascontiguousarray(mask.allowed(i, j, self.q_len, self.kv_len)))
+
+    def show(self, head: int = 0, max_width: int = 96, file=None) -> str:
+        """Print (and return) a text picture of the block map with its statistics."""
+        from .inspect import render_text
+
+        text = render_text(self, head=head, max_width=max_width)
+        print(text, file=file)
+        return text
+
+    def plot(self, path, head: int = 0) -> None:
+        """Write a PNG picture of the block map, empty rows and columns marked."""
+        from .inspect import render_png
+
+        render_png(self, path, head=head)
+
+    # -- the op -------------------------------------------------------------------------
+    def __call__(self, q, k, v, scale: Optional[float] = None, return_lse: bool = False):
+        """Attention of ``q [B, Hq, q_len, D]`` over ``k``, ``v [B, Hkv, kv_len, D]`` under this mask.
+
+        Returns ``out [B, Hq, q_len, D]`` and, with ``return_lse``, ``lse [B, Hq, q_len]``
+        (float32, natural log, ``-inf`` on empty rows). Empty rows give 0.
+        """
+        from .codegen.launch import attention
+
+        return attention(self, q, k, v, scale=scale, return_lse=return_lse)
+
+    def __repr__(self) -> str:
+        c = self.tile_counts()
+        return (
+            f"CompiledMask(q_len={self.q_len}, kv_len={self.kv_len}, heads={self.n_heads}, "
+            f"block_size={self.block_size}, tiles: {c['full']} full, {c['partial']} partial, {c['empty']} empty)"
+        )
+
+
+def compile(spec: Union[Spec, str], block_size: Union[int, Sequence[int]] = 128, debug=None) -> CompiledMask:
+    """Compile ``spec`` (a ``Spec``, or YAML/JSON text) for tiles of ``block_size``.
+
+    ``block_size`` is an int or a ``(q, kv)`` pair. ``debug`` (e.g. ``print``)
+    receives one line per pass with its time and result.
+    """
+    if isinstance(spec, str):
+        from .ir.spec import loads
+
+        spec = loads(spec)
+    return CompiledMask(spec, block_size=block_size, debug=debug)
+
+
+__all__ = ["compile", "CompiledMask", "TileKind", "EMPTY", "PARTIAL", "FULL", "SpecError"]

@@ -1,0 +1,519 @@
+"""The mask vocabulary: what may attend to what.
+
+Every node is an immutable, hashable pydantic model with a ``kind`` tag, so a
+mask is a small expression tree that compares and hashes by structure (the
+passes use that to analyse identical sub-expressions once). ``&``, ``|`` and
+``~`` build ``And``, ``Or`` and ``Not``; ``bool(mask)`` raises so that Python's
+``and``/``or`` cannot silently pick one operand.
+
+Coordinates: query ``i`` in ``[0, q_len)``, key ``j`` in ``[0, kv_len)`` of the
+node's *scope*: the whole spec, or one document inside ``Documents``.
+
+Each node states its rule and draws itself; in the pictures ``#`` is allowed and
+``.`` is masked, queries go down and keys go across.
+
+``allowed(i, j, q_len, kv_len)`` is each node's definition executed literally on
+broadcast numpy arrays. The compiler never calls it on a whole
+``q_len x kv_len`` grid: it is used on single tiles that the interval analysis
+could not decide (``Dense``, ``Predicate``) and by ``CompiledMask.dense()``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Callable, Literal, Optional, Union
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PlainSerializer,
+    PlainValidator,
+    PositiveInt,
+    WithJsonSchema,
+    model_validator,
+)
+
+from ..errors import SpecError, TranslatingMeta
+
+Align = Literal["top_left", "bottom_right"]
+
+#: Largest number of elements a ``Dense`` node (or ``CompiledMask.dense()``)
+#: will hold; past it they refuse instead of exhausting memory.
+MAX_DENSE_ELEMENTS = 1 << 28
+
+
+class Mask(BaseModel, metaclass=TranslatingMeta):
+    """Base of every node. Not instantiated directly."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # -- building expressions -------------------------------------------------
+    def __and__(self, other: "Mask") -> "And":
+        return And(of=(self, _check_operand(other, "&")))
+
+    def __or__(self, other: "Mask") -> "Or":
+        return Or(of=(self, _check_operand(other, "|")))
+
+    def __invert__(self) -> "Not":
+        return Not(of=self)
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "a mask has no truth value: combine masks with &, | and ~, not and/or/not"
+        )
+
+    # -- meaning ---------------------------------------------------------------
+    def allowed(self, i, j, q_len, kv_len) -> np.ndarray:
+        """``bool`` array of ``allowed(i, j)`` in a scope of ``(q_len, kv_len)``.
+
+        All four arguments broadcast (scope sizes may vary per element, as they
+        do inside ``Documents``)."""
+        raise NotImplementedError
+
+    def check_scope(self, q_len: int, kv_len: int, path: str) -> None:
+        """Raise ``SpecError`` at ``path`` if this node does not fit its scope."""
+        for name, child in self.children():
+            child.check_scope(q_len, kv_len, f"{path}.{name}")
+
+    def children(self) -> list[tuple[str, "Mask"]]:
+        """``(field path, node)`` of the direct sub-expressions."""
+        return []
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in self.__dict__.items() if k != "kind" and v != type(self).model_fields[k].default
+        )
+        return f"{type(self).__name__}({fields})"
+
+    __str__ = __repr__
+
+
+def _check_operand(other: Any, op: str) -> Mask:
+    if not isinstance(other, Mask):
+        raise TypeError(f"cannot combine a mask with {type(other).__name__} using {op}")
+    return other
+
+
+def _shift(align: Align, q_len, kv_len):
+    """The diagonal's shift ``s``: ``kv_len - q_len`` for bottom-right alignment."""
+    return np.asarray(kv_len) - np.asarray(q_len) if align == "bottom_right" else 0
+
+
+class Full(Mask):
+    """Every query attends every key: ``allowed(i, j) = true``.
+
+    4x4 ``####/####/####/####``; 2x5 ``#####/#####``.
+    """
+
+    kind: Literal["full"] = "full"
+
+    def allowed(self, i, j, q_len, kv_len):
+        return np.ones(np.broadcast_shapes(np.shape(i), np.shape(j)), dtype=bool)
+
+
+class Empty(Mask):
+    """Nothing is attended: ``allowed(i, j) = false``.
+
+    4x4 ``..../..../..../....``; 2x5 ``...../.....``.
+    """
+
+    kind: Literal["empty"] = "empty"
+
+    def allowed(self, i, j, q_len, kv_len):
+        return np.zeros(np.broadcast_shapes(np.shape(i), np.shape(j)), dtype=bool)
+
+
+class Causal(Mask):
+    """``j <= i + offset + s``, ``s = kv_len - q_len`` if ``align="bottom_right"`` else 0.
+
+    4x4, offset 0::
+
+        #...
+        ##..
+        ###.
+        ####
+
+    2x5 (q_len 2, kv_len 5), top_left ``#..../##...``;
+    bottom_right ``####./#####`` (the last query sees every key: decoding).
+    """
+
+    kind: Literal["causal"] = "causal"
+    offset: int = 0
+    align: Align = "top_left"
+
+    def allowed(self, i, j, q_len, kv_len):
+        return np.asarray(j) <= np.asarray(i) + self.offset + _shift(self.align, q_len, kv_len)
+
+
+class SlidingWindow(Mask):
+    """``i + s - left <= j <= i + s + right`` (``None`` is unbounded on that side).
+
+    ``s = kv_len - q_len`` for ``align="bottom_right"``, else 0.
+
+    4x4, left 1, right 0::
+
+        #...
+        ##..
+        .##.
+        ..##
+
+    2x5, left 1, right 0, bottom_right ``..##./...##``.
+    """
+
+    kind: Literal["sliding_window"] = "sliding_window"
+    left: Optional[NonNegativeInt]
+    right: Optional[NonNegativeInt] = 0
+    align: Align = "top_left"
+
+    def allowed(self, i, j, q_len, kv_len):
+        centre = np.asarray(i) + _shift(self.align, q_len, kv_len)
+        j = np.asarray(j)
+        ok = np.ones(np.broadcast_shapes(np.shape(centre), j.shape), dtype=bool)
+        if self.left is not None:
+            ok &= j >= centre - self.left
+        if self.right is not None:
+            ok &= j <= centre + self.right
+        return ok
+
+
+class Chunked(Mask):
+    """``i // size == j // size``: attention inside fixed chunks of the scope.
+
+    4x4, size 2::
+
+        ##..
+        ##..
+        ..##
+        ..##
+
+    2x5, size 2 ``##.../##...``.
+    """
+
+    kind: Literal["chunked"] = "chunked"
+    size: PositiveInt
+
+    def allowed(self, i, j, q_len, kv_len):
+        return np.asarray(i) // self.size == np.asarray(j) // self.size
+
+
+class Prefix(Mask):
+    """``j < length``: every query sees the first ``length`` keys (attention sinks,
+    the prompt of a prefix LM).
+
+    4x4, length 1 ``#.../#.../#.../#...``; 2x5, length 2 ``##.../##...``.
+    """
+
+    kind: Literal["prefix"] = "prefix"
+    length: NonNegativeInt
+
+    def allowed(self, i, j, q_len, kv_len):
+        return np.broadcast_to(np.asarray(j) < self.length, np.broadcast_shapes(np.shape(i), np.shape(j)))
+
+
+class Range(Mask):
+    """``a <= i < b and c <= j < d`` for ``q=(a, b)``, ``kv=(c, d)`` (half-open).
+
+    At the top of a spec the range must lie inside the scope; inside ``Documents``
+    it is read literally in each document's coordinates (so it is clipped by
+    smaller documents).
+
+    4x4, q=(1, 3), kv=(0, 2)::
+
+        ....
+        ##..
+        ##..
+        ....
+
+    2x5, q=(0, 1), kv=(3, 5) ``...##/.....``.
+    """
+
+    kind: Literal["range"] = "range"
+    q: tuple[NonNegativeInt, NonNegativeInt]
+    kv: tuple[NonNegativeInt, NonNegativeInt]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        for name in ("q", "kv"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}={(lo, hi)} must have start <= end")
+        return self
+
+    def allowed(self, i, j, q_len, kv_len):
+        i, j = np.asarray(i), np.asarray(j)
+        return (self.q[0] <= i) & (i < self.q[1]) & (self.kv[0] <= j) & (j < self.kv[1])
+
+    def check_scope(self, q_len, kv_len, path):
+        if self.q[1] > q_len:
+            raise SpecError(f"{path}.q", f"range {self.q} lies outside the {q_len} queries of its scope")
+        if self.kv[1] > kv_len:
+            raise SpecError(f"{path}.kv", f"range {self.kv} lies outside the {kv_len} keys of its scope")
+
+
+class Documents(Mask):
+    """Packed documents: ``i`` and ``j`` lie in the same document ``n`` and
+    ``inner(i - Q_n, j - K_n)`` holds in that document's scope
+    ``(lengths[n], kv_lengths[n])``, where ``Q_n``/``K_n`` are the documents'
+    starts. Positions past the last document belong to none (padding).
+
+    4x4, lengths [3, 1], inner Causal()::
+
+        #...
+        ##..
+        ###.
+        ...#
+
+    2x5, lengths [1, 1], kv_lengths [3, 2] (one query per document)
+    ``###../...##``.
+    """
+
+    kind: Literal["documents"] = "documents"
+    lengths: tuple[NonNegativeInt, ...]
+    kv_lengths: Optional[tuple[NonNegativeInt, ...]] = None
+    inner: "MaskNode" = Field(default_factory=Full)
+
+    @model_validator(mode="after")
+    def _same_count(self):
+        if self.kv_lengths is not None and len(self.kv_lengths) != len(self.lengths):
+            raise ValueError(
+                f"kv_lengths has {len(self.kv_lengths)} entries but lengths has {len(self.lengths)}"
+            )
+        return self
+
+    @property
+    def key_lengths(self) -> tuple[int, ...]:
+        return self.lengths if self.kv_lengths is None else self.kv_lengths
+
+    def starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Query and key start of every document (``int64[n_docs + 1]``, last = total)."""
+        q = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        k = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=q[1:])
+        np.cumsum(self.key_lengths, out=k[1:])
+        return q, k
+
+    def children(self):
+        return [("inner", self.inner)]
+
+    def check_scope(self, q_len, kv_len, path):
+        q_total, kv_total = sum(self.lengths), sum(self.key_lengths)
+        if q_total > q_len:
+            raise SpecError(f"{path}.lengths", f"documents total {q_total} queries, more than the scope's {q_len}")
+        if kv_total > kv_len:
+            field = "lengths" if self.kv_lengths is None else "kv_lengths"
+            raise SpecError(f"{path}.{field}", f"documents total {kv_total} keys, more than the scope's {kv_len}")
+        for lq, lk in sorted(set(zip(self.lengths, self.key_lengths))):
+            self.inner.check_scope(lq, lk, f"{path}.inner")
+
+    def document_of(self, i, j) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Document of each query and key (-1 for padding), and their starts."""
+        q_start, k_start = self.starts()
+        doc_i = np.searchsorted(q_start, i, side="right") - 1
+        doc_j = np.searchsorted(k_start, j, side="right") - 1
+        n = len(self.lengths)
+        doc_i = np.where((doc_i >= 0) & (doc_i < n), doc_i, -1)
+        doc_j = np.where((doc_j >= 0) & (doc_j < n), doc_j, -1)
+        return doc_i, doc_j, q_start, k_start
+
+    def allowed(self, i, j, q_len, kv_len):
+        i, j = np.asarray(i), np.asarray(j)
+        doc_i, doc_j, q_start, k_start = self.document_of(i, j)
+        same = (doc_i == doc_j) & (doc_i >= 0)
+        n = np.maximum(doc_i, 0)
+        lq = np.asarray(self.lengths + (0,), dtype=np.int64)[n]
+        lk = np.asarray(self.key_lengths + (0,), dtype=np.int64)[n]
+        inner = self.inner.allowed(i - q_start[n], j - k_start[np.maximum(doc_j, 0)], lq, lk)
+        return same & inner
+
+
+def _to_bool_matrix(value: Any) -> "BoolMatrix":
+    if isinstance(value, BoolMatrix):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise ValueError(f"values must be a 2-D [q_len, kv_len] array, got shape {array.shape}")
+    if array.size > MAX_DENSE_ELEMENTS:
+        raise ValueError(
+            f"values has {array.size} elements, more than MAX_DENSE_ELEMENTS={MAX_DENSE_ELEMENTS}; "
+            "describe the mask with structured nodes instead"
+        )
+    if array.dtype != bool:
+        if not np.isin(array, (0, 1)).all():
+            raise ValueError("values must be booleans (or 0/1)")
+        array = array.astype(bool)
+    return BoolMatrix(array)
+
+
+class BoolMatrix:
+    """An immutable, hashable boolean matrix (the payload of ``Dense``)."""
+
+    __slots__ = ("array", "_hash")
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array, dtype=bool)
+        self.array.flags.writeable = False
+        self._hash = hash((self.array.shape, np.packbits(self.array).tobytes()))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.array.shape
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, BoolMatrix) and self.shape == other.shape and np.array_equal(self.array, other.array)
+
+    def __repr__(self):
+        return f"BoolMatrix(shape={self.shape})"
+
+
+DenseValues = Annotated[
+    BoolMatrix,
+    PlainValidator(_to_bool_matrix),
+    PlainSerializer(lambda m: m.array.astype(int).tolist(), return_type=list),
+    WithJsonSchema({"type": "array", "items": {"type": "array", "items": {"type": ["boolean", "integer"]}}}),
+]
+
+
+class Dense(Mask):
+    """``values[i, j]``: an explicit boolean ``[q_len, kv_len]`` array of the scope.
+
+    The escape hatch for masks with no structure. The compiler evaluates it
+    only on tiles that the rest of the expression leaves undecided.
+
+    4x4 of ``[[1,0,0,1],[0,1,0,0],[0,0,1,0],[1,0,0,1]]``::
+
+        #..#
+        .#..
+        ..#.
+        #..#
+    """
+
+    kind: Literal["dense"] = "dense"
+    values: DenseValues
+
+    def allowed(self, i, j, q_len, kv_len):
+        # Inside Documents, positions of other documents reach here with
+        # coordinates outside this scope; they are masked by the caller.
+        i, j = np.asarray(i), np.asarray(j)
+        rows, cols = self.values.shape
+        inside = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
+        return inside & self.values.array[np.clip(i, 0, rows - 1), np.clip(j, 0, cols - 1)]
+
+    def check_scope(self, q_len, kv_len, path):
+        if self.values.shape != (q_len, kv_len):
+            raise SpecError(
+                f"{path}.values", f"has shape {self.values.shape} but its scope is {(q_len, kv_len)}"
+            )
+
+
+def _reject_serialising(_fn):
+    raise ValueError("a Predicate holds a Python callable and cannot be written to YAML or JSON")
+
+
+class Predicate(Mask):
+    """``fn(i, j)`` for a Python callable on broadcast ``int64`` torch tensors.
+
+    Python only, never serialised. The compiler calls it a tile at a time, on
+    tiles that the rest of the expression leaves undecided, with the scope's
+    local coordinates.
+
+    4x4 of ``lambda i, j: (i + j) % 2 == 0``::
+
+        #.#.
+        .#.#
+        #.#.
+        .#.#
+    """
+
+    kind: Literal["predicate"] = "predicate"
+    fn: Annotated[
+        Callable[..., Any],
+        PlainSerializer(_reject_serialising),
+        WithJsonSchema({"description": "Python only; not serialisable"}),
+    ]
+
+    def allowed(self, i, j, q_len, kv_len):
+        import torch
+
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        out = self.fn(torch.from_numpy(i), torch.from_numpy(j))
+        out = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+        return np.broadcast_to(out.astype(bool), np.broadcast_shapes(i.shape, j.shape))
+
+
+class And(Mask):
+    """Every operand allows ``(i, j)``. ``And(of=[])`` is ``Full()``. Written ``a & b``."""
+
+    kind: Literal["and"] = "and"
+    of: tuple["MaskNode", ...]
+
+    def children(self):
+        return [(f"of[{n}]", x) for n, x in enumerate(self.of)]
+
+    def allowed(self, i, j, q_len, kv_len):
+        out = Full().allowed(i, j, q_len, kv_len)
+        for x in self.of:
+            out = out & x.allowed(i, j, q_len, kv_len)
+        return out
+
+
+class Or(Mask):
+    """Some operand allows ``(i, j)``. ``Or(of=[])`` is ``Empty()``. Written ``a | b``."""
+
+    kind: Literal["or"] = "or"
+    of: tuple["MaskNode", ...]
+
+    def children(self):
+        return [(f"of[{n}]", x) for n, x in enumerate(self.of)]
+
+    def allowed(self, i, j, q_len, kv_len):
+        out = Empty().allowed(i, j, q_len, kv_len)
+        for x in self.of:
+            out = out | x.allowed(i, j, q_len, kv_len)
+        return out
+
+
+class Not(Mask):
+    """The operand does not allow ``(i, j)``. Written ``~a``."""
+
+    kind: Literal["not"] = "not"
+    of: "MaskNode"
+
+    def children(self):
+        return [("of", self.of)]
+
+    def allowed(self, i, j, q_len, kv_len):
+        return ~self.of.allowed(i, j, q_len, kv_len)
+
+
+MaskNode = Annotated[
+    Union[Full, Empty, Causal, SlidingWindow, Chunked, Prefix, Range, Documents, Dense, Predicate, And, Or, Not],
+    Field(discriminator="kind"),
+]
+
+NODE_TYPES: tuple[type[Mask], ...] = (
+    Full, Empty, Causal, SlidingWindow, Chunked, Prefix, Range, Documents, Dense, Predicate, And, Or, Not,
+)
+#: ``kind`` tag -> node class.
+NODE_KINDS: dict[str, type[Mask]] = {t.model_fields["kind"].default: t for t in NODE_TYPES}
+
+for _node in NODE_TYPES:
+    _node.model_rebuild()
+
+
+def walk(mask: Mask):
+    """Every node of the expression, parents before children."""
+    yield mask
+    for _, child in mask.children():
+        yield from walk(child)
+
+
+def is_opaque(mask: Mask) -> bool:
+    """True for nodes the interval analysis cannot see through (``Dense``, ``Predicate``)."""
+    return isinstance(mask, (Dense, Predicate))

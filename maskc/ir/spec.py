@@ -1,0 +1,125 @@
+"""``Spec``: a mask with its sequence lengths, and its YAML/JSON form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, PositiveInt, Tag, ValidationError
+
+from ..errors import SpecError, TranslatingMeta, from_pydantic
+from .nodes import Mask, MaskNode, Predicate, walk
+
+
+def _one_or_per_head(value: Any) -> str:
+    return "per_head" if isinstance(value, (list, tuple)) else "shared"
+
+
+class Spec(BaseModel, metaclass=TranslatingMeta):
+    """What may attend to what, for ``q_len`` queries and ``kv_len`` keys.
+
+    ``mask`` is one expression shared by every head, or a list with one
+    expression per query head.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    q_len: PositiveInt
+    kv_len: PositiveInt
+    mask: Annotated[
+        Union[Annotated[MaskNode, Tag("shared")], Annotated[tuple[MaskNode, ...], Tag("per_head")]],
+        Discriminator(_one_or_per_head),
+    ]
+
+    _path_is_root = True
+
+    def model_post_init(self, _context: Any) -> None:
+        if isinstance(self.mask, tuple) and not self.mask:
+            raise SpecError("mask", "a per-head mask list needs at least one head")
+        for path, head in self.named_heads():
+            head.check_scope(self.q_len, self.kv_len, path)
+
+    @property
+    def heads(self) -> tuple[Mask, ...]:
+        """The per-head expressions (one entry for a head-shared mask)."""
+        return self.mask if isinstance(self.mask, tuple) else (self.mask,)
+
+    def named_heads(self) -> list[tuple[str, Mask]]:
+        if isinstance(self.mask, tuple):
+            return [(f"mask[{h}]", m) for h, m in enumerate(self.mask)]
+        return [("mask", self.mask)]
+
+    # -- text form ---------------------------------------------------------------
+    def to_data(self) -> dict:
+        """Plain data (dicts and lists) with default fields left out, ready for YAML/JSON."""
+        for path, head in self.named_heads():
+            for node in walk(head):
+                if isinstance(node, Predicate):
+                    raise SpecError(path, "a Predicate holds a Python callable and cannot be written to YAML or JSON")
+        masks = [mask_to_data(m) for m in self.heads]
+        return {"q_len": self.q_len, "kv_len": self.kv_len, "mask": masks if isinstance(self.mask, tuple) else masks[0]}
+
+    def dumps(self, format: str = "yaml") -> str:
+        """The spec as YAML (default) or JSON text that ``maskc.loads`` reads back."""
+        data = self.to_data()
+        if format == "json":
+            return json.dumps(data, indent=2)
+        if format == "yaml":
+            return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+        raise ValueError(f"{format=} must be 'yaml' or 'json'")
+
+
+def mask_to_data(mask: Mask) -> dict:
+    """One node as plain data, defaults omitted except ``kind``."""
+    out: dict[str, Any] = {"kind": mask.kind}
+    for name, field in type(mask).model_fields.items():
+        if name == "kind":
+            continue
+        value = getattr(mask, name)
+        if not field.is_required() and value == field.get_default(call_default_factory=True):
+            continue
+        if isinstance(value, Mask):
+            value = mask_to_data(value)
+        elif isinstance(value, tuple) and value and isinstance(value[0], Mask):
+            value = [mask_to_data(x) for x in value]
+        else:
+            value = mask.model_dump(mode="json", include={name})[name]
+        out[name] = value
+    return out
+
+
+def loads(text: str) -> Spec:
+    """A ``Spec`` from YAML or JSON text. Only plain data is accepted (``yaml.safe_load``)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError("", f"malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError("", f"a spec must be a mapping with q_len, kv_len and mask, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as error:
+        raise from_pydantic(error) from None
+
+
+def load(path: str | Path) -> Spec:
+    """A ``Spec`` from a YAML or JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError("", f"cannot read {str(path)!r}: {error.strerror}") from None
+    return loads(text)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a spec file, for editors that validate YAML."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "maskc spec"
+    return schema

@@ -1,0 +1,207 @@
+"""Pass ``classify``: every ``(q_block, kv_block)`` tile EMPTY, PARTIAL or FULL, exactly.
+
+From each row's key intervals (``lower``):
+
+* a row *touches* key block ``b`` if one of its intervals meets it, and
+  *fills* it if one interval covers all of its in-range keys (canonical rows
+  are non-adjacent, so two intervals never fill a block together);
+* a tile is FULL when every row of its query block fills it, EMPTY when no row
+  touches it, PARTIAL otherwise.
+
+Per query block that is a union (touched) and an intersection (filled) of
+per-row block intervals. Consecutive rows mostly repeat the same block
+intervals, so they are deduplicated first and the rest is one sorted sweep
+(``intervals.sweep``): the work grows with the rows and the runs of tiles,
+never with ``q_blocks * kv_blocks``.
+
+Where the bounds are not exact (``Dense``, ``Predicate``), tiles that meet
+``maybe \\ sure`` are *undecided*: the whole expression is evaluated on each of
+them, a tile at a time, and they are classified from that. Every PARTIAL tile
+of such a head keeps its bit pattern (deduplicated) for the kernels.
+
+The result for one head is a ``BlockMap``: runs ``(q_block, [kv0, kv1))`` of
+FULL and of PARTIAL tiles, sorted by query block then key block.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..ir import nodes as ir
+from . import intervals as iv
+from .intervals import Runs
+from .lower import Bounds
+from .pipeline import Pass
+
+#: Elements evaluated per batch of undecided tiles.
+EVAL_BATCH = 1 << 22
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """One head's classified tiles.
+
+    ``full``/``partial``: runs by query block. For heads with opaque nodes,
+    ``patterns: bool[P, block_q, block_kv]`` holds each distinct PARTIAL tile
+    and ``partial`` lists single tiles with ``pattern_of[r]`` their pattern.
+    ``row_hits``/``col_hits``: positions found allowed inside undecided tiles.
+    """
+
+    n_q_blocks: int
+    n_kv_blocks: int
+    full: Runs
+    partial: Runs
+    patterns: Optional[np.ndarray] = None
+    pattern_of: Optional[np.ndarray] = None
+    row_hits: Optional[np.ndarray] = None
+    col_hits: Optional[np.ndarray] = None
+
+
+def _block_spans(rows: iv.Rows, kv_len: int, bk: int, n_kv: int):
+    """Per interval, the key blocks it touches and the ones it fills."""
+    real = rows.real()
+    touch_lo = np.where(real, rows.lo // bk, 0)
+    touch_hi = np.where(real, (rows.hi - 1) // bk + 1, 0)
+    fill_lo = -(-rows.lo // bk)
+    fill_hi = np.where(rows.hi >= kv_len, n_kv, rows.hi // bk)
+    filled = real & (fill_lo < fill_hi)
+    return touch_lo, touch_hi, np.where(filled, fill_lo, 0), np.where(filled, fill_hi, 0)
+
+
+def _unfilled(fill_lo, fill_hi, n_kv: int):
+    """Per row, the key blocks it does not fill (raw gaps; empty ones are harmless)."""
+    real = fill_lo < fill_hi
+    lo = np.where(real, fill_lo, n_kv)
+    hi = np.where(real, fill_hi, n_kv)
+    # canonical rows are sorted with padding last, so the gaps are between neighbours
+    order = np.argsort(lo, axis=1, kind="stable") if lo.shape[1] > 1 else None
+    if order is not None:
+        lo, hi = np.take_along_axis(lo, order, 1), np.take_along_axis(hi, order, 1)
+    zero = np.zeros((lo.shape[0], 1), dtype=np.int64)
+    end = np.full((lo.shape[0], 1), n_kv, dtype=np.int64)
+    return np.concatenate([zero, hi], axis=1), np.concatenate([lo, end], axis=1)
+
+
+def _items(group, lo, hi):
+    m = lo.shape[1]
+    return np.repeat(group, m), lo.ravel(), hi.ravel()
+
+
+def classify(bounds: Bounds, mask: ir.Mask, q_len: int, kv_len: int, bq: int, bk: int) -> BlockMap:
+    n_q, n_kv = -(-q_len // bq), -(-kv_len // bk)
+    t_lo, t_hi, _, _ = _block_spans(bounds.maybe, kv_len, bk, n_kv)
+    _, _, f_lo, f_hi = _block_spans(bounds.sure, kv_len, bk, n_kv)
+    g_lo, g_hi = _unfilled(f_lo, f_hi, n_kv)
+    columns = [t_lo, t_hi, g_lo, g_hi]
+    if not bounds.exact:
+        undecided = iv.intersect(bounds.maybe, iv.complement(bounds.sure, kv_len))
+        u_lo, u_hi, _, _ = _block_spans(undecided, kv_len, bk, n_kv)
+        columns += [u_lo, u_hi]
+    block = np.arange(q_len, dtype=np.int64) // bq
+    keep = iv.distinct_consecutive(np.concatenate([block[:, None]] + columns, axis=1))
+    block = block[keep]
+    columns = [c[keep] for c in columns]
+    sets = [
+        _items(block, columns[0], columns[1]),
+        _items(block, columns[2], columns[3]),
+        (np.arange(n_q, dtype=np.int64), np.zeros(n_q, dtype=np.int64), np.full(n_q, n_kv, dtype=np.int64)),
+    ]
+    if bounds.exact:
+        out = iv.sweep(sets, n_kv, {
+            "full": lambda c: (c[2] > 0) & (c[1] == 0),
+            "partial": lambda c: (c[0] > 0) & (c[1] > 0),
+        })
+        return BlockMap(n_q, n_kv, out["full"], out["partial"])
+
+    sets.append(_items(block, columns[4], columns[5]))
+    out = iv.sweep(sets, n_kv, {
+        "full": lambda c: (c[2] > 0) & (c[1] == 0),
+        "partial": lambda c: (c[0] > 0) & (c[1] > 0) & (c[3] == 0),
+        "undecided": lambda c: c[3] > 0,
+    })
+    return _decide(out, bounds, mask, q_len, kv_len, bq, bk, n_q, n_kv)
+
+
+def _tile_indices(qb, kb, q_len, kv_len, bq, bk):
+    i = qb[:, None] * bq + np.arange(bq)[None, :]
+    j = kb[:, None] * bk + np.arange(bk)[None, :]
+    return i, j, i < q_len, j < kv_len
+
+
+def _evaluate_tiles(mask, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
+    """``bool[T, bq, bk]``: the expression on tiles ``(qb[t], kb[t])``, out-of-range positions False."""
+    out = np.zeros((len(qb), bq, bk), dtype=bool)
+    per_batch = max(1, EVAL_BATCH // (bq * bk))
+    start, shown = time.perf_counter(), False
+    for s in range(0, len(qb), per_batch):
+        i, j, i_ok, j_ok = _tile_indices(qb[s:s + per_batch], kb[s:s + per_batch], q_len, kv_len, bq, bk)
+        ii = np.minimum(i, q_len - 1)[:, :, None]
+        jj = np.minimum(j, kv_len - 1)[:, None, :]
+        out[s:s + per_batch] = mask.allowed(ii, jj, q_len, kv_len) & i_ok[:, :, None] & j_ok[:, None, :]
+        if time.perf_counter() - start > 2.0 and sys.stderr.isatty():
+            shown = True
+            print(f"\r[maskc] evaluating undecided tiles {min(s + per_batch, len(qb))}/{len(qb)}",
+                  end="", file=sys.stderr, flush=True)
+    if shown:
+        print(file=sys.stderr)
+    return out
+
+
+def _rows_tiles(rows: iv.Rows, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
+    """``bool[T, bq, bk]`` of tiles read from exact row intervals."""
+    out = np.zeros((len(qb), bq, bk), dtype=bool)
+    for t, (q, k) in enumerate(zip(qb.tolist(), kb.tolist())):
+        r1, c1 = min((q + 1) * bq, q_len), min((k + 1) * bk, kv_len)
+        out[t, : r1 - q * bq, : c1 - k * bk] = iv.window(rows, q * bq, r1, k * bk, c1)
+    return out
+
+
+def _decide(out, bounds, mask, q_len, kv_len, bq, bk, n_q, n_kv) -> BlockMap:
+    uq, uk = out["undecided"].cells()
+    values = _evaluate_tiles(mask, uq, uk, q_len, kv_len, bq, bk)
+    i, j, i_ok, j_ok = _tile_indices(uq, uk, q_len, kv_len, bq, bk)
+    row_hits = np.unique(i[values.any(axis=2) & i_ok])
+    col_hits = np.unique(j[values.any(axis=1) & j_ok])
+    cells = i_ok.sum(1) * j_ok.sum(1)
+    hits = values.sum(axis=(1, 2))
+    now_full = hits == cells
+    now_partial = (hits > 0) & ~now_full
+
+    pq, pk = out["partial"].cells()
+    known = _rows_tiles(bounds.sure, pq, pk, q_len, kv_len, bq, bk)
+    tiles_q = np.concatenate([pq, uq[now_partial]])
+    tiles_k = np.concatenate([pk, uk[now_partial]])
+    bits = np.concatenate([known, values[now_partial]])
+    order = np.lexsort((tiles_k, tiles_q))
+    tiles_q, tiles_k, bits = tiles_q[order], tiles_k[order], bits[order]
+    packed = np.packbits(bits.reshape(len(bits), -1), axis=1)
+    _, first, pattern_of = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+
+    fq, fk = out["full"].cells()
+    full = iv.sweep([(np.concatenate([fq, uq[now_full]]), np.concatenate([fk, uk[now_full]]),
+                      np.concatenate([fk, uk[now_full]]) + 1)], n_kv, {"full": lambda c: c[0] > 0})["full"]
+    return BlockMap(
+        n_q, n_kv, full, Runs(tiles_q, tiles_k, tiles_k + 1),
+        patterns=bits[first], pattern_of=pattern_of.reshape(-1).astype(np.int64),
+        row_hits=row_hits, col_hits=col_hits,
+    )
+
+
+@dataclass(frozen=True)
+class Classify(Pass):
+    """``BlockMap`` of every distinct head expression."""
+
+    name: str = "classify"
+    needs: tuple = ("simplified", "rows", "block_size")
+    provides: tuple = ("block_maps",)
+
+    def run(self, state):
+        spec, (bq, bk) = state["simplified"], state["block_size"]
+        return {"block_maps": {
+            m: classify(b, m, spec.q_len, spec.kv_len, bq, bk) for m, b in state["rows"].items()
+        }}
