@@ -167,15 +167,18 @@ class CompiledMask:
         render_png(self, path, head=head)
 
     # -- the op -------------------------------------------------------------------------
-    def __call__(self, q, k, v, scale: Optional[float] = None, return_lse: bool = False):
+    def __call__(self, q, k, v, scale: Optional[float] = None, return_lse: bool = False,
+                 backend: Optional[str] = None):
         """Attention of ``q [B, Hq, q_len, D]`` over ``k``, ``v [B, Hkv, kv_len, D]`` under this mask.
 
         Returns ``out [B, Hq, q_len, D]`` and, with ``return_lse``, ``lse [B, Hq, q_len]``
         (float32, natural log, ``-inf`` on empty rows). Empty rows give 0.
+        ``backend`` forces ``"reference"`` (plain torch) or ``"triton"``; by default
+        CUDA tensors take Triton and others the reference path.
         """
         from .codegen.launch import attention
 
-        return attention(self, q, k, v, scale=scale, return_lse=return_lse)
+        return attention(self, q, k, v, scale=scale, return_lse=return_lse, backend=backend)
 
     def __repr__(self) -> str:
         c = self.tile_counts()
