@@ -166,6 +166,20 @@ class CompiledMask:
 
         render_png(self, path, head=head)
 
+    # -- interop and generated code -------------------------------------------------
+    def to_block_mask(self):
+        """This mask as a FlexAttention ``BlockMask`` (see ``maskc.interop``)."""
+        from .interop import to_block_mask
+
+        return to_block_mask(self)
+
+    @property
+    def kernel_source(self) -> str:
+        """The Triton source generated for this mask's PARTIAL tiles and kernels."""
+        from .codegen.triton_attention import kernel_source
+
+        return kernel_source(self)
+
     # -- the op -------------------------------------------------------------------------
     def __call__(self, q, k, v, scale: Optional[float] = None, return_lse: bool = False,
                  backend: Optional[str] = None):
