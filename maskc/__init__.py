@@ -7,6 +7,7 @@ tables and an attention op. See README.md and DESIGN.md.
 
 from .compiler import EMPTY, FULL, PARTIAL, CompiledMask, TileKind, compile
 from .errors import SpecError
+from .partitioning import merge_partials, partition, split_points
 from .ir import (
     And,
     Causal,
@@ -33,5 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "EMPTY", "FULL", "PARTIAL", "And", "Causal", "Chunked", "CompiledMask", "Dense", "Documents", "Empty",
     "Full", "Mask", "Not", "Or", "Predicate", "Prefix", "Range", "SlidingWindow", "Spec", "SpecError",
-    "TileKind", "compile", "json_schema", "load", "loads",
+    "TileKind", "compile", "json_schema", "load", "loads", "merge_partials", "partition", "split_points",
 ]

@@ -72,10 +72,11 @@ class Mask(BaseModel, metaclass=TranslatingMeta):
         do inside ``Documents``)."""
         raise NotImplementedError
 
-    def check_scope(self, q_len: int, kv_len: int, path: str) -> None:
-        """Raise ``SpecError`` at ``path`` if this node does not fit its scope."""
+    def check_scope(self, q_len: int, kv_len: int, path: str, in_document: bool = False) -> None:
+        """Raise ``SpecError`` at ``path`` if this node does not fit its scope
+        (``in_document``: the scope is one document of a ``Documents``)."""
         for name, child in self.children():
-            child.check_scope(q_len, kv_len, f"{path}.{name}")
+            child.check_scope(q_len, kv_len, f"{path}.{name}", in_document)
 
     def children(self) -> list[tuple[str, "Mask"]]:
         """``(field path, node)`` of the direct sub-expressions."""
@@ -245,7 +246,9 @@ class Range(Mask):
         i, j = np.asarray(i), np.asarray(j)
         return (self.q[0] <= i) & (i < self.q[1]) & (self.kv[0] <= j) & (j < self.kv[1])
 
-    def check_scope(self, q_len, kv_len, path):
+    def check_scope(self, q_len, kv_len, path, in_document=False):
+        if in_document:  # read literally in each document, clipped by smaller ones
+            return
         if self.q[1] > q_len:
             raise SpecError(f"{path}.q", f"range {self.q} lies outside the {q_len} queries of its scope")
         if self.kv[1] > kv_len:
@@ -257,6 +260,11 @@ class Documents(Mask):
     ``inner(i - Q_n, j - K_n)`` holds in that document's scope
     ``(lengths[n], kv_lengths[n])``, where ``Q_n``/``K_n`` are the documents'
     starts. Positions past the last document belong to none (padding).
+
+    ``q_start``/``kv_start`` (default 0, an extension of the design's contract)
+    place the first document's first query and key; positions before them
+    belong to no document. ``maskc.partition`` uses them to express a tile
+    that starts inside a packed sequence.
 
     4x4, lengths [3, 1], inner Causal()::
 
@@ -273,6 +281,8 @@ class Documents(Mask):
     lengths: tuple[NonNegativeInt, ...]
     kv_lengths: Optional[tuple[NonNegativeInt, ...]] = None
     inner: "MaskNode" = Field(default_factory=Full)
+    q_start: NonNegativeInt = 0
+    kv_start: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _same_count(self):
@@ -287,25 +297,25 @@ class Documents(Mask):
         return self.lengths if self.kv_lengths is None else self.kv_lengths
 
     def starts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Query and key start of every document (``int64[n_docs + 1]``, last = total)."""
-        q = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        k = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=q[1:])
-        np.cumsum(self.key_lengths, out=k[1:])
+        """Query and key start of every document (``int64[n_docs + 1]``, last = end)."""
+        q = np.full(len(self.lengths) + 1, self.q_start, dtype=np.int64)
+        k = np.full(len(self.lengths) + 1, self.kv_start, dtype=np.int64)
+        q[1:] += np.cumsum(self.lengths, dtype=np.int64)
+        k[1:] += np.cumsum(self.key_lengths, dtype=np.int64)
         return q, k
 
     def children(self):
         return [("inner", self.inner)]
 
-    def check_scope(self, q_len, kv_len, path):
-        q_total, kv_total = sum(self.lengths), sum(self.key_lengths)
-        if q_total > q_len:
-            raise SpecError(f"{path}.lengths", f"documents total {q_total} queries, more than the scope's {q_len}")
-        if kv_total > kv_len:
+    def check_scope(self, q_len, kv_len, path, in_document=False):
+        q_end, kv_end = self.q_start + sum(self.lengths), self.kv_start + sum(self.key_lengths)
+        if q_end > q_len:
+            raise SpecError(f"{path}.lengths", f"documents end at query {q_end}, past the scope's {q_len}")
+        if kv_end > kv_len:
             field = "lengths" if self.kv_lengths is None else "kv_lengths"
-            raise SpecError(f"{path}.{field}", f"documents total {kv_total} keys, more than the scope's {kv_len}")
+            raise SpecError(f"{path}.{field}", f"documents end at key {kv_end}, past the scope's {kv_len}")
         for lq, lk in sorted(set(zip(self.lengths, self.key_lengths))):
-            self.inner.check_scope(lq, lk, f"{path}.inner")
+            self.inner.check_scope(lq, lk, f"{path}.inner", True)
 
     def document_of(self, i, j) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Document of each query and key (-1 for padding), and their starts."""
@@ -405,7 +415,7 @@ class Dense(Mask):
         inside = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
         return inside & self.values.array[np.clip(i, 0, rows - 1), np.clip(j, 0, cols - 1)]
 
-    def check_scope(self, q_len, kv_len, path):
+    def check_scope(self, q_len, kv_len, path, in_document=False):
         if self.values.shape != (q_len, kv_len):
             raise SpecError(
                 f"{path}.values", f"has shape {self.values.shape} but its scope is {(q_len, kv_len)}"

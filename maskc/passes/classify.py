@@ -179,7 +179,7 @@ def _decide(out, bounds, mask, q_len, kv_len, bq, bk, n_q, n_kv) -> BlockMap:
     bits = np.concatenate([known, values[now_partial]])
     order = np.lexsort((tiles_k, tiles_q))
     tiles_q, tiles_k, bits = tiles_q[order], tiles_k[order], bits[order]
-    packed = np.packbits(bits.reshape(len(bits), -1), axis=1)
+    packed = np.packbits(bits.reshape(len(bits), bq * bk), axis=1)
     _, first, pattern_of = np.unique(packed, axis=0, return_index=True, return_inverse=True)
 
     fq, fk = out["full"].cells()

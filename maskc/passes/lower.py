@@ -99,7 +99,7 @@ def _range(m: ir.Range, rows: Rows, memo) -> Bounds:
 def _documents(m: ir.Documents, rows: Rows, memo) -> Bounds:
     q_start, k_start = m.starts()
     doc = np.searchsorted(q_start, rows.i, side="right") - 1
-    inside = (doc < len(m.lengths)) & (rows.i < q_start[-1]) & (rows.i < rows.q_len)
+    inside = (doc >= 0) & (rows.i < q_start[-1])
     at = np.flatnonzero(inside)
     doc = doc[at]
     lq = np.asarray(m.lengths, dtype=np.int64)[doc]

@@ -121,6 +121,19 @@ def _merge_prefixes(m):  # Prefix(a) ∩ Prefix(b) == Prefix(min); ∪ == Prefix
     return type(m)(of=rest + (ir.Prefix(length=pick(p.length for p in prefixes)),))
 
 
+def _join_documents(m):  # documents placed back to back with one inner are one Documents
+    docs = [x for x in m.of if isinstance(x, ir.Documents)]
+    for a in docs:
+        for b in docs:
+            if a is not b and a.inner == b.inner and (b.q_start, b.kv_start) == tuple(int(x[-1]) for x in a.starts()):
+                joined = a.model_copy(update={
+                    "lengths": a.lengths + b.lengths, "kv_lengths": a.key_lengths + b.key_lengths,
+                })
+                rest = tuple(x for x in m.of if x is not a and x is not b)
+                return ir.Or(of=rest + (joined,))
+    return None
+
+
 def _double_negation(m):  # ~~x == x
     return m.of.of if isinstance(m.of, ir.Not) else None
 
@@ -166,6 +179,7 @@ RULES: list[tuple[type, Rewrite]] = [
     (ir.And, _merge_ranges),
     (ir.And, _merge_prefixes),
     (ir.Or, _merge_prefixes),
+    (ir.Or, _join_documents),
     (ir.And, _trivial),
     (ir.Or, _trivial),
     (ir.Not, _double_negation),

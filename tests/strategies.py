@@ -1,0 +1,172 @@
+"""Hypothesis strategies: random, valid mask expressions, specs and block sizes.
+
+Every node kind appears, with the edge cases the compiler must get right:
+offsets past either end, unbounded windows, zero-length documents, key lengths
+unlike query lengths, padding before and after documents, documents nested in
+documents, empty ``And``/``Or``. A node is drawn for a ``Scope``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from hypothesis import strategies as st
+
+import maskc
+
+MAX_LEN = 70
+
+# Predicates are named functions so that failing examples print readably.
+def checkerboard(i, j):
+    return (i + j) % 2 == 0
+
+
+def lower_triangle(i, j):
+    return j <= i
+
+
+def sparse_hash(i, j):
+    return (i * 7 + j * 3) % 5 < 2
+
+
+def nothing(i, j):
+    return i < 0
+
+
+PREDICATES = (checkerboard, lower_triangle, sparse_hash, nothing)
+ALIGNS = st.sampled_from(["top_left", "bottom_right"])
+
+
+def offsets(kv_len: int):
+    return st.integers(-kv_len - 2, kv_len + 2) | st.integers(-3, 3)
+
+
+def bounds(kv_len: int):
+    return st.none() | st.integers(0, 4) | st.integers(0, kv_len + 2)
+
+
+def dense_values(q_len: int, kv_len: int):
+    @st.composite
+    def values(draw):
+        seed = draw(st.integers(0, 2**32 - 1))
+        density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+        return np.random.default_rng(seed).random((q_len, kv_len)) < density
+
+    return values()
+
+
+def document_lengths(total: int, count: int):
+    """``count`` lengths (zero-length documents included) whose sum is at most ``total``."""
+    @st.composite
+    def lengths(draw):
+        out = []
+        for _ in range(count):
+            out.append(draw(st.integers(0, total - sum(out)) | st.just(0)))
+        return out
+
+    return lengths()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where an expression will be read: every scope has at least ``fits`` and at
+    most ``reach`` ``(queries, keys)``; ``shape`` is their one shape, if they share one."""
+
+    fits: tuple[int, int]
+    reach: tuple[int, int]
+    shape: Optional[tuple[int, int]]
+
+    @staticmethod
+    def of_spec(q_len: int, kv_len: int) -> "Scope":
+        return Scope((q_len, kv_len), (q_len, kv_len), (q_len, kv_len))
+
+    def documents(self, q_lengths, k_lengths) -> "Scope":
+        shapes = set(zip(q_lengths, k_lengths))
+        return Scope((min(q_lengths), min(k_lengths)), (max(q_lengths), max(k_lengths)),
+                     shapes.pop() if len(shapes) == 1 else None)
+
+
+def leaves(scope: Scope, opaque: bool):
+    """Nodes with no operand. A ``Range`` fits the spec, or is read literally (and
+    clipped) in documents; ``Dense`` appears only where all scopes share a shape."""
+    q_reach, kv_reach = scope.reach
+
+    @st.composite
+    def ranges(draw):
+        a = draw(st.integers(0, q_reach))
+        c = draw(st.integers(0, kv_reach))
+        return maskc.Range(q=(a, draw(st.integers(a, q_reach))), kv=(c, draw(st.integers(c, kv_reach))))
+
+    options = [
+        st.just(maskc.Full()),
+        st.just(maskc.Empty()),
+        st.builds(maskc.Causal, offset=offsets(kv_reach), align=ALIGNS),
+        st.builds(maskc.SlidingWindow, left=bounds(kv_reach), right=bounds(kv_reach), align=ALIGNS),
+        st.builds(maskc.Chunked, size=st.integers(1, 12) | st.integers(1, MAX_LEN + 3)),
+        st.builds(maskc.Prefix, length=st.integers(0, kv_reach + 3)),
+        ranges(),
+    ]
+    if opaque:
+        options.append(st.sampled_from(PREDICATES).map(lambda fn: maskc.Predicate(fn=fn)))
+        if scope.shape is not None and 0 not in scope.shape:
+            options.append(dense_values(*scope.shape).map(lambda values: maskc.Dense(values=values)))
+    return st.one_of(options)
+
+
+def masks(scope: Scope, depth: int = 3, opaque: bool = True):
+    """A random expression valid in ``scope``, at most ``depth`` operators deep;
+    ``opaque=False`` leaves out ``Dense`` and ``Predicate``."""
+    base = leaves(scope, opaque)
+    if depth == 0:
+        return base
+    sub = masks(scope, depth - 1, opaque)
+    q_fits, kv_fits = scope.fits
+
+    @st.composite
+    def documents(draw):
+        count = draw(st.integers(1, 6))
+        q_lengths = draw(document_lengths(q_fits, count))
+        kv_lengths = draw(st.none() | document_lengths(kv_fits, count))
+        if kv_lengths is None and sum(q_lengths) > kv_fits:
+            kv_lengths = [0] * count
+        k_lengths = q_lengths if kv_lengths is None else kv_lengths
+        q_start = draw(st.just(0) | st.integers(0, q_fits - sum(q_lengths)))
+        kv_start = draw(st.just(0) | st.integers(0, kv_fits - sum(k_lengths)))
+        inner = draw(masks(scope.documents(q_lengths, k_lengths), depth - 1, opaque))
+        return maskc.Documents(lengths=q_lengths, kv_lengths=kv_lengths, inner=inner,
+                               q_start=q_start, kv_start=kv_start)
+
+    # a weighted choice by a composite: one_of would favour the branches with
+    # the most distinct values (deep chains of Not)
+    @st.composite
+    def tree(draw):
+        shape = draw(st.sampled_from(["leaf", "documents", "and", "or", "not"]))
+        if shape == "leaf":
+            return draw(base)
+        if shape == "documents":
+            return draw(documents())
+        if shape == "not":
+            return ~draw(sub)
+        of = draw(st.lists(sub, max_size=3))
+        return maskc.And(of=of) if shape == "and" else maskc.Or(of=of)
+
+    return tree()
+
+
+block_sizes = st.integers(1, 24) | st.tuples(st.integers(1, 24), st.integers(1, 24))
+
+
+@st.composite
+def specs(draw, max_len: int = MAX_LEN, max_heads: int = 4, opaque: bool = True, depth: int = 3):
+    """A random ``Spec``: a head-shared mask, or per-head masks drawn from a small pool
+    (so identical heads occur)."""
+    q_len = draw(st.integers(1, max_len))
+    kv_len = draw(st.integers(1, max_len) | st.just(q_len))
+    one = masks(Scope.of_spec(q_len, kv_len), depth, opaque)
+    if max_heads == 1 or draw(st.booleans()):
+        return maskc.Spec(q_len=q_len, kv_len=kv_len, mask=draw(one))
+    pool = draw(st.lists(one, min_size=1, max_size=3))
+    heads = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=max_heads))
+    return maskc.Spec(q_len=q_len, kv_len=kv_len, mask=heads)
