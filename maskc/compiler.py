@@ -124,19 +124,26 @@ class CompiledMask:
         partial = sum(self.block_maps[s].partial.tiles for s in slot)
         return {"full": full, "partial": partial, "empty": total - full - partial}
 
-    def allowed_pairs(self) -> int:
-        """Allowed ``(query, key)`` pairs, summed over mask heads (exact)."""
+    def allowed_pairs(self, head: Optional[int] = None) -> int:
+        """Allowed ``(query, key)`` pairs (exact): of one mask head, or summed over all."""
+        slots = self.table.head_slot.tolist()
+        if head is not None:
+            return self._slot_pairs(slots[head])
+        return sum(self._slot_pairs(s) for s in slots)
+
+    def _slot_pairs(self, slot: int) -> int:
+        bounds, bm = self.bounds[slot], self.block_maps[slot]
+        if bm.patterns is None:
+            return int(bounds.sure.counts().sum())
+        # with Dense/Predicate: FULL tiles count their in-range area, PARTIAL ones their bits
+        return self.tile_area(bm.full) + int(bm.patterns[bm.pattern_of].sum())
+
+    def tile_area(self, runs) -> int:
+        """In-range ``(query, key)`` positions covered by runs of tiles (edge tiles are smaller)."""
         bq, bk = self.block_size
-        per_slot = []
-        for bounds, bm in zip(self.bounds, self.block_maps):
-            if bm.patterns is None:
-                per_slot.append(int(bounds.sure.counts().sum()))
-                continue
-            f = bm.full  # FULL tiles count their in-range area, PARTIAL ones their bits
-            rows = np.minimum((f.group + 1) * bq, self.q_len) - f.group * bq
-            cols = np.minimum(f.hi * bk, self.kv_len) - f.lo * bk
-            per_slot.append(int((rows * cols).sum() + bm.patterns[bm.pattern_of].sum()))
-        return sum(per_slot[s] for s in self.table.head_slot.tolist())
+        rows = np.minimum((runs.group + 1) * bq, self.q_len) - runs.group * bq
+        cols = np.minimum(runs.hi * bk, self.kv_len) - runs.lo * bk
+        return int((rows * cols).sum())
 
     # -- debugging ----------------------------------------------------------------
     def dense(self, head: int = 0) -> torch.Tensor:

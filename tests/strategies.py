@@ -58,13 +58,13 @@ def dense_values(q_len: int, kv_len: int):
 
 
 def document_lengths(total: int, count: int):
-    """``count`` lengths (zero-length documents included) whose sum is at most ``total``."""
+    """``count`` lengths whose sum is at most ``total`` (mostly all of it), cut at
+    random points; coinciding cuts give zero-length documents."""
     @st.composite
     def lengths(draw):
-        out = []
-        for _ in range(count):
-            out.append(draw(st.integers(0, total - sum(out)) | st.just(0)))
-        return out
+        used = draw(st.just(total) | st.integers(0, total))
+        cuts = sorted(draw(st.lists(st.integers(0, used), min_size=count - 1, max_size=count - 1)))
+        return np.diff([0, *cuts, used]).tolist()
 
     return lengths()
 
@@ -130,11 +130,18 @@ def masks(scope: Scope, depth: int = 3, opaque: bool = True):
         q_lengths = draw(document_lengths(q_fits, count))
         kv_lengths = draw(st.none() | document_lengths(kv_fits, count))
         if kv_lengths is None and sum(q_lengths) > kv_fits:
-            kv_lengths = [0] * count
+            kv_lengths = draw(document_lengths(kv_fits, count))
         k_lengths = q_lengths if kv_lengths is None else kv_lengths
         q_start = draw(st.just(0) | st.integers(0, q_fits - sum(q_lengths)))
         kv_start = draw(st.just(0) | st.integers(0, kv_fits - sum(k_lengths)))
         inner = draw(masks(scope.documents(q_lengths, k_lengths), depth - 1, opaque))
+        cut = draw(st.integers(0, count))
+        if 0 < cut < count and draw(st.booleans()):  # the same documents, written as two groups
+            return maskc.Documents(
+                lengths=q_lengths[cut:], kv_lengths=k_lengths[cut:], inner=inner,
+                q_start=q_start + sum(q_lengths[:cut]), kv_start=kv_start + sum(k_lengths[:cut]),
+            ) | maskc.Documents(lengths=q_lengths[:cut], kv_lengths=k_lengths[:cut], inner=inner,
+                                q_start=q_start, kv_start=kv_start)
         return maskc.Documents(lengths=q_lengths, kv_lengths=kv_lengths, inner=inner,
                                q_start=q_start, kv_start=kv_start)
 
@@ -142,7 +149,7 @@ def masks(scope: Scope, depth: int = 3, opaque: bool = True):
     # the most distinct values (deep chains of Not)
     @st.composite
     def tree(draw):
-        shape = draw(st.sampled_from(["leaf", "documents", "and", "or", "not"]))
+        shape = draw(st.sampled_from(["leaf", "documents", "and", "leaf", "or", "documents", "and", "not"]))
         if shape == "leaf":
             return draw(base)
         if shape == "documents":

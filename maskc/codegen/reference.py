@@ -83,7 +83,8 @@ class ReferenceAttention(torch.autograd.Function):
             out[:, heads], lse[:, heads] = out_h, lse_h
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cm, ctx.scale, ctx.heads_of_slot = cm, scale, heads_of_slot
-        return out.to(q.dtype), lse.to(torch.float32)
+        # float32 as the contract says; float64 inputs keep float64 so that merging tiles stays exact
+        return out.to(q.dtype), lse if work == torch.float64 else lse.to(torch.float32)
 
     @staticmethod
     def backward(ctx, d_out, d_lse):

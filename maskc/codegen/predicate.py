@@ -1,0 +1,277 @@
+"""IR -> Triton source of the mask predicate that the kernels run on PARTIAL tiles.
+
+One ``@triton.jit`` function is generated per compiled mask, from its
+simplified per-slot expressions (``CompiledMask.slot_masks``)::
+
+    def partial_mask(i, j, q_len, kv_len, args, data, patterns, pattern, BQ, BK) -> bool tensor
+
+``i`` (query positions) and ``j`` (key positions) are int32 tensors that
+broadcast against each other: ``[BLOCK_M, 1]`` and ``[1, BLOCK_N]`` in the
+forward and dQ kernels, ``[1, BLOCK_M]`` and ``[BLOCK_N, 1]`` in the dK/dV
+kernel, so the result has the orientation of the caller's score tile. It is
+false outside ``[0, q_len) x [0, kv_len)``.
+
+The source depends on the mask's *structure* only. Every number (offsets,
+window sizes, chunk sizes, ranges, where a table starts) is read from ``args``
+(this slot's row of an ``int32[S, A]`` tensor) and per-token data (document
+ids and local positions) from ``data`` (flat ``int32``). Two masks that differ
+only in their numbers, say documents of new lengths at every training step,
+generate the same text and therefore share compiled kernels.
+
+Slots holding ``Dense``/``Predicate`` nodes have no generated arithmetic: their
+PARTIAL tiles read the precomputed bit tile ``patterns[pattern]``. When a
+mask's slots (per-head masks) have several structures, the function
+dispatches on ``args[0]``, the slot's structure index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..ir import nodes as ir
+
+#: Largest ``q_len + kv_len`` the generated int32 index arithmetic supports.
+MAX_POSITIONS = 1 << 30
+
+PATTERN_BODY = ["allowed = tl.load(patterns + pattern.to(tl.int64) * (BQ * BK) + (i % BQ) * BK + (j % BK)) != 0"]
+
+
+@dataclass
+class Scope:
+    """Where a node is evaluated: its coordinate tensors and its sizes (emitted on first use)."""
+
+    i: str
+    j: str
+    sizes: Callable[[], tuple[str, str]]
+    extent: tuple[int, int]  # largest (q_len, kv_len) this scope takes, to size per-token tables
+
+
+@dataclass
+class _Emitter:
+    """Writes one slot's body: code lines, the numbers they read, the data they index."""
+
+    limit: int  # numbers are clamped to [-limit, limit]: the same meaning on the scope, no int32 overflow
+    data_base: int  # where this slot's data starts in the flat ``data`` tensor
+    lines: list[str] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)
+    data: list[np.ndarray] = field(default_factory=list)
+    memo: dict = field(default_factory=dict)
+
+    def var(self, expr: str) -> str:
+        name = f"v{len(self.lines)}"
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def number(self, value: int) -> str:
+        self.numbers.append(int(np.clip(value, -self.limit, self.limit)))
+        return self.var(f"tl.load(args + {len(self.numbers)})")  # args[0] is the structure index
+
+    def table(self, values: np.ndarray) -> str:
+        """A per-token int32 table in ``data``; returns the variable holding its offset."""
+        offset = self.data_base + sum(len(d) for d in self.data)
+        self.data.append(np.asarray(values, dtype=np.int32))
+        return self.number(offset)
+
+    def gather(self, values: np.ndarray, at: str, missing: int) -> str:
+        """``values[at]`` for an index tensor ``at`` (``missing`` outside the table)."""
+        start = self.table(values)
+        inside = f"({at} >= 0) & ({at} < {len(values)})"
+        return self.var(f"tl.load(data + {start} + {at}, mask={inside}, other={missing})")
+
+    def emit(self, mask: ir.Mask, scope: Scope) -> str:
+        """Variable name (or ``"True"``/``"False"``) of ``mask`` evaluated on ``scope``."""
+        key = (mask, scope.i, scope.j)
+        if key not in self.memo:
+            rule = _RULES.get(type(mask))
+            if rule is None:
+                raise TypeError(f"no Triton code for {type(mask).__name__}; opaque slots use bit patterns")
+            self.memo[key] = rule(self, mask, scope)
+        return self.memo[key]
+
+
+def _diagonal(em: _Emitter, align: str, scope: Scope, offset: int | None) -> str:
+    """``i + s + offset`` with ``s`` the scope's ``kv_len - q_len`` for bottom-right alignment."""
+    terms = [scope.i]
+    if offset is not None:
+        terms.append(em.number(offset))
+    if align == "bottom_right":
+        q_len, kv_len = scope.sizes()
+        terms.append(f"({kv_len} - {q_len})")
+    return " + ".join(terms)
+
+
+def _causal(em, m: ir.Causal, scope):
+    return em.var(f"{scope.j} <= {_diagonal(em, m.align, scope, m.offset)}")
+
+
+def _window(em, m: ir.SlidingWindow, scope):
+    centre = em.var(_diagonal(em, m.align, scope, None))
+    terms = []
+    if m.left is not None:
+        terms.append(f"({scope.j} >= {centre} - {em.number(m.left)})")
+    if m.right is not None:
+        terms.append(f"({scope.j} <= {centre} + {em.number(m.right)})")
+    return em.var(" & ".join(terms))
+
+
+def _chunked(em, m: ir.Chunked, scope):
+    size = em.number(m.size)
+    return em.var(f"({scope.i} // {size}) == ({scope.j} // {size})")
+
+
+def _prefix(em, m: ir.Prefix, scope):
+    return em.var(f"{scope.j} < {em.number(m.length)}")
+
+
+def _range(em, m: ir.Range, scope):
+    a, b, c, d = (em.number(x) for x in (*m.q, *m.kv))
+    return em.var(f"({scope.i} >= {a}) & ({scope.i} < {b}) & ({scope.j} >= {c}) & ({scope.j} < {d})")
+
+
+def _documents(em, m: ir.Documents, scope):
+    """Same document (per-token ids) and ``inner`` in that document's local coordinates."""
+    q_start, k_start = m.starts()
+    n_q, n_k = scope.extent
+    doc_of_q = np.searchsorted(q_start, np.arange(n_q), side="right") - 1
+    doc_of_k = np.searchsorted(k_start, np.arange(n_k), side="right") - 1
+    q_in = doc_of_q < len(m.lengths)
+    k_in = doc_of_k < len(m.lengths)
+    # padding is -1 on the query side and -2 on the key side, so it never matches
+    q_doc = em.gather(np.where(q_in, doc_of_q, -1), scope.i, -1)
+    k_doc = em.gather(np.where(k_in, doc_of_k, -2), scope.j, -2)
+    q_doc_clamped = np.minimum(doc_of_q, len(m.lengths) - 1)
+    k_doc_clamped = np.minimum(doc_of_k, len(m.lengths) - 1)
+    local_i = em.gather(np.arange(n_q) - q_start[q_doc_clamped], scope.i, 0)
+    local_j = em.gather(np.arange(n_k) - k_start[k_doc_clamped], scope.j, 0)
+    lengths = np.asarray(m.lengths, dtype=np.int64)
+    key_lengths = np.asarray(m.key_lengths, dtype=np.int64)
+    sizes_cache: list[tuple[str, str]] = []
+
+    def sizes() -> tuple[str, str]:  # the row's document scope, only if the inner node needs it
+        if not sizes_cache:
+            sizes_cache.append((em.gather(lengths[q_doc_clamped], scope.i, 0),
+                                em.gather(key_lengths[q_doc_clamped], scope.i, 0)))
+        return sizes_cache[0]
+
+    inner_extent = (max(m.lengths, default=0), max(m.key_lengths, default=0))
+    inner = em.emit(m.inner, Scope(local_i, local_j, sizes, inner_extent))
+    same = em.var(f"{q_doc} == {k_doc}")
+    return _and(em, [same, inner])
+
+
+def _and(em, parts: list[str]) -> str:
+    if "False" in parts:
+        return "False"
+    parts = [p for p in parts if p != "True"]
+    return em.var(" & ".join(f"({p})" for p in parts)) if parts else "True"
+
+
+def _or(em, parts: list[str]) -> str:
+    if "True" in parts:
+        return "True"
+    parts = [p for p in parts if p != "False"]
+    return em.var(" | ".join(f"({p})" for p in parts)) if parts else "False"
+
+
+def _not(em, m: ir.Not, scope):
+    inner = em.emit(m.of, scope)
+    return {"True": "False", "False": "True"}.get(inner) or em.var(f"~{inner}")
+
+
+_RULES = {
+    ir.Full: lambda em, m, scope: "True",
+    ir.Empty: lambda em, m, scope: "False",
+    ir.Causal: _causal,
+    ir.SlidingWindow: _window,
+    ir.Chunked: _chunked,
+    ir.Prefix: _prefix,
+    ir.Range: _range,
+    ir.Documents: _documents,
+    ir.And: lambda em, m, scope: _and(em, [em.emit(x, scope) for x in m.of]),
+    ir.Or: lambda em, m, scope: _or(em, [em.emit(x, scope) for x in m.of]),
+    ir.Not: _not,
+}
+
+
+@dataclass(frozen=True)
+class SlotCode:
+    """One slot's generated body and the numbers and data it reads."""
+
+    body: tuple[str, ...]
+    numbers: tuple[int, ...]
+    data: tuple[np.ndarray, ...]
+
+
+def slot_code(mask: ir.Mask, q_len: int, kv_len: int, data_base: int) -> SlotCode:
+    """The body computing ``allowed`` for one structured slot (no ``Dense``/``Predicate``)."""
+    em = _Emitter(limit=q_len + kv_len + 1, data_base=data_base)
+    scope = Scope("i", "j", lambda: ("q_len", "kv_len"), (q_len, kv_len))
+    result = em.emit(mask, scope)
+    in_range = "(i < q_len) & (j < kv_len)"
+    if result == "True":
+        final = in_range
+    elif result == "False":
+        final = "(i < 0) & (j < 0)"
+    else:
+        final = f"{result} & {in_range}"
+    return SlotCode(tuple(em.lines) + (f"allowed = {final}",), tuple(em.numbers), tuple(em.data))
+
+
+@dataclass(frozen=True)
+class MaskCode:
+    """The generated predicate of a compiled mask and its runtime operands.
+
+    ``source``: the Triton function text (depends on structure only);
+    ``args: int32[S, A]``: per slot, its structure index then its numbers;
+    ``data: int32[N]``: every slot's per-token tables, concatenated.
+    """
+
+    source: str
+    args: np.ndarray
+    data: np.ndarray
+
+
+FUNCTION_NAME = "partial_mask"
+_HEADER = f'''@triton.jit
+def {FUNCTION_NAME}(i, j, q_len, kv_len, args, data, patterns, pattern, BQ: tl.constexpr, BK: tl.constexpr):
+    """Allowed (i, j) on a PARTIAL tile; i, j broadcast int32 positions (generated by maskc)."""'''
+
+
+def mask_code(cm) -> MaskCode:
+    """Generate the predicate of ``cm`` and gather its numbers and data per slot."""
+    total = cm.q_len + cm.kv_len
+    if total >= MAX_POSITIONS:
+        raise ValueError(f"q_len + kv_len = {total} must be < {MAX_POSITIONS} for the Triton kernels")
+    bodies: dict[tuple[str, ...], int] = {}
+    per_slot: list[tuple[int, SlotCode]] = []
+    data_base = 0
+    for mask, block_map in zip(cm.slot_masks, cm.block_maps):
+        if block_map.patterns is not None:
+            code = SlotCode(tuple(PATTERN_BODY), (), ())
+        else:
+            code = slot_code(mask, cm.q_len, cm.kv_len, data_base)
+        data_base += sum(len(d) for d in code.data)
+        per_slot.append((bodies.setdefault(code.body, len(bodies)), code))
+
+    width = 1 + max(len(code.numbers) for _, code in per_slot)
+    args = np.zeros((len(per_slot), width), dtype=np.int32)
+    for slot, (structure, code) in enumerate(per_slot):
+        args[slot, 0] = structure
+        args[slot, 1:1 + len(code.numbers)] = code.numbers
+    chunks = [d for _, code in per_slot for d in code.data]
+    data = np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(1, dtype=np.int32)
+
+    lines = [_HEADER]
+    if len(bodies) == 1:
+        lines += [f"    {line}" for line in next(iter(bodies))]
+    else:
+        lines.append("    structure = tl.load(args)")
+        for n, body in enumerate(bodies):
+            keyword = "if" if n == 0 else "elif" if n < len(bodies) - 1 else "else"
+            lines.append(f"    {keyword} structure == {n}:" if keyword != "else" else "    else:")
+            lines += [f"        {line}" for line in body]
+    lines.append("    return allowed")
+    return MaskCode("\n".join(lines) + "\n", args, data)

@@ -1,0 +1,231 @@
+"""Specs in the dialects users already speak: sequence lengths, FlashAttention's
+``cu_seqlens`` and xformers' padded KV cache.
+
+Each constructor returns a plain ``Spec`` (a ``Documents`` node), so the result
+prints, serialises, partitions and compiles like any hand-written spec.
+
+* ``from_seqlens(lengths, causal=True, window=None)``: packed documents.
+* ``from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, causal=False, window=None)``:
+  the mask of FlashAttention's ``flash_attn_varlen_func``. Sequence ``n`` holds
+  queries ``cu_seqlens_q[n]:cu_seqlens_q[n+1]`` and keys
+  ``cu_seqlens_k[n]:cu_seqlens_k[n+1]``; ``causal`` is aligned to the bottom
+  right of each sequence (query ``i`` of ``lq`` sees key ``j`` of ``lk`` when
+  ``j <= i + lk - lq``; flash-attn >= 2.1), and ``window=(left, right)`` keeps
+  keys ``i + lk - lq - left <= j <= i + lk - lq + right`` (``-1`` or ``None``:
+  unbounded).
+* ``from_padded_kv_cache(q_seqlen, kv_padding, kv_seqlen)``: the mask of
+  xformers' ``BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens``. The
+  keys of sequence ``n`` live at ``n * kv_padding`` and only the first
+  ``kv_seqlen[n]`` of them are in use; queries are packed. A query sees the
+  in-use keys of its own sequence, causally from the bottom right.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import SpecError
+from .ir.nodes import Causal, Documents, Full, Mask, SlidingWindow
+from .ir.spec import Spec
+
+Window = Union[None, int, tuple[Optional[int], Optional[int]]]
+
+
+def _int_vector(value, name: str) -> list[int]:
+    """A 1-D sequence, array or tensor of integers as a list (``SpecError`` at ``name`` otherwise)."""
+    if hasattr(value, "detach"):  # a torch tensor, on any device
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.ndim != 1:
+        raise SpecError(name, f"must be a 1-D sequence of integers, got shape {array.shape}")
+    if array.size and not (np.issubdtype(array.dtype, np.integer) or array.dtype == object):
+        raise SpecError(name, f"must hold integers, got dtype {array.dtype}")
+    out = []
+    for n, x in enumerate(array.tolist()):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise SpecError(f"{name}[{n}]", f"must be an integer, got {x!r}")
+        out.append(x)
+    return out
+
+
+def _lengths(value, name: str) -> list[int]:
+    lengths = _int_vector(value, name)
+    for n, x in enumerate(lengths):
+        if x < 0:
+            raise SpecError(f"{name}[{n}]", f"lengths must be >= 0, got {x}")
+    return lengths
+
+
+def _bound(value, name: str) -> Optional[int]:
+    """One side of a window: ``None`` or ``-1`` (FlashAttention's spelling) is unbounded."""
+    if value is None or value == -1:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SpecError(name, f"must be an int >= 0, or -1 / None for unbounded, got {value!r}")
+    return int(value)
+
+
+def _inner(causal: bool, window: Window, align: str) -> Mask:
+    """The per-document expression: causal and/or a window, both on one diagonal."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    parts: list[Mask] = [Causal(align=align)] if causal else []
+    if window is not None:
+        pair = (window, window) if isinstance(window, (int, np.integer)) and not isinstance(window, bool) else window
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise SpecError("window", f"must be an int or a (left, right) pair, got {window!r}")
+        left, right = _bound(pair[0], "window[0]"), _bound(pair[1], "window[1]")
+        if left is not None or right is not None:
+            parts.append(SlidingWindow(left=left, right=right, align=align))
+    if not parts:
+        return Full()
+    return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
+def _total(length: Optional[int], needed: int, name: str, source: str) -> int:
+    if length is None:
+        return needed
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or None, got {type(length).__name__}")
+    if needed > length:
+        raise SpecError(source, f"the sequences end at {needed}, past {name}={length}")
+    return int(length)
+
+
+def from_seqlens(
+    lengths: Sequence[int],
+    causal: bool = True,
+    window: Window = None,
+    kv_lengths: Optional[Sequence[int]] = None,
+    q_len: Optional[int] = None,
+    kv_len: Optional[int] = None,
+) -> Spec:
+    """Packed documents of ``lengths`` queries (and ``kv_lengths`` keys, default the same).
+
+    Inside each document: ``causal`` (bottom-right aligned where a document has
+    more keys than queries, as in FlashAttention), and ``window``, an int ``w``
+    for ``(w, w)`` or a ``(left, right)`` pair of keys before and after the
+    diagonal (``None`` or ``-1``: unbounded); with ``causal`` the right side is
+    cut at the diagonal. ``q_len``/``kv_len`` (default: the totals) may be
+    larger; the positions past the last document are padding and attend
+    nothing.
+
+    ``from_seqlens([3, 2])`` is ``Spec(q_len=5, kv_len=5, mask=Documents(lengths=[3, 2], inner=Causal()))``::
+
+        #....
+        ##...
+        ###..
+        ...#.
+        ...##
+    """
+    q_lengths = _lengths(lengths, "lengths")
+    k_lengths = q_lengths if kv_lengths is None else _lengths(kv_lengths, "kv_lengths")
+    if len(k_lengths) != len(q_lengths):
+        raise SpecError("kv_lengths", f"has {len(k_lengths)} entries but lengths has {len(q_lengths)}")
+    align = "top_left" if k_lengths == q_lengths else "bottom_right"
+    q_total = _total(q_len, sum(q_lengths), "q_len", "lengths")
+    kv_total = _total(kv_len, sum(k_lengths), "kv_len", "lengths" if kv_lengths is None else "kv_lengths")
+    mask = Documents(
+        lengths=q_lengths,
+        kv_lengths=None if k_lengths == q_lengths else k_lengths,
+        inner=_inner(causal, window, align),
+    )
+    return Spec(q_len=q_total, kv_len=kv_total, mask=mask)
+
+
+def _cu_lengths(cu_seqlens, name: str) -> list[int]:
+    """Sequence lengths from cumulative offsets, which must start at 0 and never decrease."""
+    offsets = _int_vector(cu_seqlens, name)
+    if not offsets:
+        raise SpecError(name, "needs at least one entry (0)")
+    if offsets[0] != 0:
+        raise SpecError(f"{name}[0]", f"cumulative sequence lengths must start at 0, got {offsets[0]}")
+    steps = np.diff(offsets)
+    down = np.flatnonzero(steps < 0)
+    if len(down):
+        n = int(down[0]) + 1
+        raise SpecError(
+            f"{name}[{n}]", f"cumulative sequence lengths must not decrease: {offsets[n - 1]} then {offsets[n]}"
+        )
+    return steps.tolist()
+
+
+def from_cu_seqlens(
+    cu_seqlens_q,
+    cu_seqlens_k=None,
+    causal: bool = False,
+    window: Window = None,
+    q_len: Optional[int] = None,
+    kv_len: Optional[int] = None,
+) -> Spec:
+    """The mask ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, ..., causal, window_size)`` applies.
+
+    ``cu_seqlens_q``/``cu_seqlens_k``: ``[batch + 1]`` offsets (lists, arrays or
+    int32 tensors), starting at 0 and non-decreasing; ``cu_seqlens_k`` defaults
+    to ``cu_seqlens_q``. ``causal`` (default False, as in FlashAttention) is
+    aligned to the bottom right of each sequence; ``window`` is FlashAttention's
+    ``window_size=(left, right)`` with ``-1`` (or ``None``) for unbounded, or an
+    int ``w`` for ``(w, w)``. ``q_len``/``kv_len`` default to the last offsets;
+    larger values leave padding that attends nothing.
+
+    With ``cu_seqlens_q=[0, 2]``, ``cu_seqlens_k=[0, 5]`` and ``causal=True``
+    (FlashAttention's docstring example)::
+
+        ####.
+        #####
+    """
+    q_lengths = _cu_lengths(cu_seqlens_q, "cu_seqlens_q")
+    if cu_seqlens_k is None:
+        k_lengths = q_lengths
+    else:
+        k_lengths = _cu_lengths(cu_seqlens_k, "cu_seqlens_k")
+        if len(k_lengths) != len(q_lengths):
+            raise SpecError(
+                "cu_seqlens_k", f"has {len(k_lengths) + 1} entries but cu_seqlens_q has {len(q_lengths) + 1}"
+            )
+    q_total = _total(q_len, sum(q_lengths), "q_len", "cu_seqlens_q")
+    kv_total = _total(kv_len, sum(k_lengths), "kv_len", "cu_seqlens_q" if cu_seqlens_k is None else "cu_seqlens_k")
+    return from_seqlens(q_lengths, causal, window, kv_lengths=k_lengths, q_len=q_total, kv_len=kv_total)
+
+
+def from_padded_kv_cache(q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int]) -> Spec:
+    """The mask of xformers' ``BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen)``.
+
+    Decoding with a padded KV cache: the cache holds ``len(kv_seqlen)`` slots of
+    ``kv_padding`` keys, sequence ``n`` uses the first ``kv_seqlen[n]`` keys of
+    slot ``n``, and its ``q_seqlen[n]`` new queries are packed one sequence
+    after another. Query ``i`` of sequence ``n`` sees key ``j`` of its slot when
+    ``j < kv_seqlen[n]`` and ``j <= i + kv_seqlen[n] - q_seqlen[n]`` (causal
+    from the bottom right); padding is never attended. ``q_len = sum(q_seqlen)``,
+    ``kv_len = len(kv_seqlen) * kv_padding``.
+
+    The spec is a ``Documents`` whose unused key ranges are documents with no
+    queries. ``from_padded_kv_cache([1, 2], 4, [2, 3])``::
+
+        ##......
+        ....##..
+        ....###.
+    """
+    q_lengths = _lengths(q_seqlen, "q_seqlen")
+    k_lengths = _lengths(kv_seqlen, "kv_seqlen")
+    if isinstance(kv_padding, bool) or not isinstance(kv_padding, (int, np.integer)) or kv_padding <= 0:
+        raise SpecError("kv_padding", f"must be a positive int, got {kv_padding!r}")
+    if len(k_lengths) != len(q_lengths):
+        raise SpecError("kv_seqlen", f"has {len(k_lengths)} entries but q_seqlen has {len(q_lengths)}")
+    for n, lk in enumerate(k_lengths):
+        if lk > kv_padding:
+            raise SpecError(f"kv_seqlen[{n}]", f"{lk} keys do not fit a slot of kv_padding={kv_padding}")
+    docs_q, docs_k = [], []
+    for n, (lq, lk) in enumerate(zip(q_lengths, k_lengths)):
+        docs_q.append(lq)
+        docs_k.append(lk)
+        if lk < kv_padding and n + 1 < len(k_lengths):  # the slot's unused keys: a document nobody queries
+            docs_q.append(0)
+            docs_k.append(int(kv_padding) - lk)
+    mask = Documents(lengths=docs_q, kv_lengths=docs_k, inner=Causal(align="bottom_right"))
+    return Spec(q_len=sum(q_lengths), kv_len=len(k_lengths) * int(kv_padding), mask=mask)
+
+
+__all__ = ["from_cu_seqlens", "from_padded_kv_cache", "from_seqlens"]
