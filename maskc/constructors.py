@@ -67,21 +67,27 @@ def _bound(value, name: str) -> Optional[int]:
     return int(value)
 
 
+def _window_bounds(window: Window) -> tuple[Optional[int], Optional[int]]:
+    """``(left, right)`` of a ``window`` argument: an int ``w`` is ``(w, w)``."""
+    if window is None:
+        return None, None
+    pair = (window, window) if isinstance(window, (int, np.integer)) and not isinstance(window, bool) else window
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise SpecError("window", f"must be an int or a (left, right) pair, got {window!r}")
+    return _bound(pair[0], "window[0]"), _bound(pair[1], "window[1]")
+
+
 def _inner(causal: bool, window: Window, align: str) -> Mask:
-    """The per-document expression: causal and/or a window, both on one diagonal."""
+    """The per-document expression. Causality cuts the window's right side at the
+    diagonal, so causal with a window is one ``SlidingWindow(left, right=0)``."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    parts: list[Mask] = [Causal(align=align)] if causal else []
-    if window is not None:
-        pair = (window, window) if isinstance(window, (int, np.integer)) and not isinstance(window, bool) else window
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise SpecError("window", f"must be an int or a (left, right) pair, got {window!r}")
-        left, right = _bound(pair[0], "window[0]"), _bound(pair[1], "window[1]")
-        if left is not None or right is not None:
-            parts.append(SlidingWindow(left=left, right=right, align=align))
-    if not parts:
+    left, right = _window_bounds(window)
+    if causal:
+        return Causal(align=align) if left is None else SlidingWindow(left=left, right=0, align=align)
+    if left is None and right is None:
         return Full()
-    return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+    return SlidingWindow(left=left, right=right, align=align)
 
 
 def _total(length: Optional[int], needed: int, name: str, source: str) -> int:

@@ -103,3 +103,197 @@ def test_forward_and_backward_tables_decode_to_the_block_map(spec, block_size):
             for qb, _, pattern in table.backward.runs_of(slot, kb, full=False):
                 if pattern >= 0:
                     np.testing.assert_array_equal(table.patterns[pattern].numpy(), tile_bits(dense[h], qb, kb, bq, bk))
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.data())
+def test_simplify_preserves_meaning_and_is_a_fixpoint(q_len, kv_len, data):
+    mask = data.draw(masks(Scope.of_spec(q_len, kv_len)))
+    simple = simplify(mask)
+    np.testing.assert_array_equal(dense_mask(simple, q_len, kv_len), dense_mask(mask, q_len, kv_len))
+    assert simplify(simple) == simple
+
+
+# -- each node, by its documented picture ---------------------------------------------------
+
+
+def picture(mask: np.ndarray) -> str:
+    return "/".join("".join("#" if x else "." for x in row) for row in mask)
+
+
+NODE_PICTURES = [  # (node, q_len, kv_len, picture) from DESIGN.md's rules and the node docstrings
+    (maskc.Full(), 2, 5, "#####/#####"),
+    (maskc.Empty(), 2, 5, "...../....."),
+    (maskc.Causal(), 4, 4, "#.../##../###./####"),
+    (maskc.Causal(), 2, 5, "#..../##..."),
+    (maskc.Causal(align="bottom_right"), 2, 5, "####./#####"),
+    (maskc.Causal(offset=-1), 3, 3, ".../#../##."),
+    (maskc.Causal(align="bottom_right"), 3, 2, "../#./##"),  # more queries than keys: an empty row
+    (maskc.Causal(offset=1, align="bottom_right"), 3, 2, "#./##/##"),
+    (maskc.SlidingWindow(left=1), 4, 4, "#.../##../.##./..##"),
+    (maskc.SlidingWindow(left=1, align="bottom_right"), 2, 5, "..##./...##"),
+    (maskc.SlidingWindow(left=0, right=1), 3, 3, "##./.##/..#"),
+    (maskc.SlidingWindow(left=None, right=1), 3, 4, "##../###./####"),
+    (maskc.SlidingWindow(left=1, right=None), 3, 4, "####/####/.###"),
+    (maskc.Chunked(size=2), 4, 4, "##../##../..##/..##"),
+    (maskc.Chunked(size=2), 2, 5, "##.../##..."),
+    (maskc.Prefix(length=1), 4, 4, "#.../#.../#.../#..."),
+    (maskc.Prefix(length=2), 2, 5, "##.../##..."),
+    (maskc.Range(q=(1, 3), kv=(0, 2)), 4, 4, "..../##../##../...."),
+    (maskc.Range(q=(0, 1), kv=(3, 5)), 2, 5, "...##/....."),
+    (maskc.Documents(lengths=[3, 1], inner=maskc.Causal()), 4, 4, "#.../##../###./...#"),
+    (maskc.Documents(lengths=[1, 1], kv_lengths=[3, 2]), 2, 5, "###../...##"),
+    (maskc.Documents(lengths=[2, 0, 1]), 4, 4, "##../##../..#./...."),  # zero-length document, padding
+    (maskc.Documents(lengths=[2, 1], kv_lengths=[1, 3], inner=maskc.Causal(align="bottom_right")), 3, 4,
+     "..../#.../.###"),
+    (maskc.Documents(lengths=[3], inner=maskc.Documents(lengths=[1, 2])), 4, 4, "#.../.##./.##./...."),
+    (maskc.Dense(values=[[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]), 4, 4, "#..#/.#../..#./#..#"),
+    (maskc.Predicate(fn=lambda i, j: (i + j) % 2 == 0), 4, 4, "#.#./.#.#/#.#./.#.#"),
+    (maskc.Causal() & ~maskc.Prefix(length=1), 3, 3, ".../.#./.##"),
+    (maskc.Chunked(size=2) | maskc.Prefix(length=1), 4, 4, "##../##../#.##/#.##"),
+    (maskc.And(of=[]), 1, 2, "##"),
+    (maskc.Or(of=[]), 1, 2, ".."),
+]
+
+
+@pytest.mark.parametrize("node, q_len, kv_len, expected", NODE_PICTURES, ids=lambda x: repr(x)[:60])
+def test_each_node_allows_exactly_its_documented_picture(node, q_len, kv_len, expected):
+    spec = maskc.Spec(q_len=q_len, kv_len=kv_len, mask=node)
+    assert picture(dense_mask(node, q_len, kv_len)) == expected  # the oracle reads the table the same way
+    for block_size in (1, 2, (3, 2), 8):
+        cm, _, kinds = compiled_and_oracle(spec, block_size)
+        assert picture(cm.dense().numpy()) == expected
+        np.testing.assert_array_equal(cm.block_kinds.numpy(), kinds)
+
+
+# -- the case that started the project ----------------------------------------------------------
+
+
+def test_document_causal_5_4_3_block_map_and_empties():
+    spec = maskc.Spec(q_len=12, kv_len=12, mask=maskc.Documents(lengths=[5, 4, 3]) & maskc.Causal())
+    cm = maskc.compile(spec, block_size=4)
+    P, E = maskc.PARTIAL, maskc.EMPTY
+    assert cm.block_kinds.tolist() == [[[P, E, E], [P, P, E], [E, P, P]]]
+    assert cm.empty_rows.tolist() == [] and cm.empty_cols.tolist() == []
+    assert cm.allowed_pairs() == 15 + 10 + 6
+    rows = maskc.compile(spec, block_size=(3, 4))  # rows 3-5 hold documents 0 and 1
+    assert rows.block_kinds.tolist() == [[[P, E, E], [2, P, E], [E, P, E], [E, P, P]]]
+
+
+def test_yaml_text_compiles_like_the_python_spec():
+    text = "q_len: 12\nkv_len: 12\nmask:\n  kind: and\n  of:\n    - {kind: documents, lengths: [5, 4, 3]}\n" \
+           "    - {kind: causal}\n"
+    from_text = maskc.compile(text, 4)
+    from_python = maskc.compile(
+        maskc.Spec(q_len=12, kv_len=12, mask=maskc.Documents(lengths=[5, 4, 3]) & maskc.Causal()), 4)
+    assert torch.equal(from_text.block_kinds, from_python.block_kinds)
+
+
+# -- heads ---------------------------------------------------------------------------------------
+
+
+def test_per_head_masks_get_their_own_block_maps_and_empties():
+    spec = maskc.Spec(q_len=8, kv_len=8, mask=[maskc.Causal(), maskc.Prefix(length=0), maskc.Range(q=(2, 4), kv=(0, 8))])
+    cm = maskc.compile(spec, 4)
+    assert cm.n_heads == 3 and cm.block_kinds.shape == (3, 2, 2)
+    np.testing.assert_array_equal(cm.block_kinds.numpy(), block_kinds(spec_masks(spec), 4, 4))
+    assert isinstance(cm.empty_rows, tuple) and len(cm.empty_rows) == 3
+    assert cm.empty_rows[0].tolist() == [] and cm.empty_rows[1].tolist() == list(range(8))
+    assert cm.empty_rows[2].tolist() == [0, 1, 4, 5, 6, 7] and cm.empty_cols[2].tolist() == []
+    assert cm.empty_cols[1].tolist() == list(range(8))
+
+
+def test_identical_heads_share_one_analysis_slot_even_when_written_differently():
+    causal = maskc.Causal()
+    spec = maskc.Spec(q_len=64, kv_len=64, mask=[causal, causal & maskc.Full(), maskc.Prefix(length=3), causal])
+    cm = maskc.compile(spec, 16)
+    assert cm.table.head_slot.tolist() == [0, 0, 1, 0]
+    assert len(cm.block_maps) == 2 and cm.table.forward.full_ptr.shape[0] == 2
+    shared = maskc.compile(maskc.Spec(q_len=64, kv_len=64, mask=causal), 16)
+    for h in (0, 1, 3):
+        assert torch.equal(cm.block_kinds[h], shared.block_kinds[0])
+
+
+# -- what the compiler touches -------------------------------------------------------------------
+
+
+def test_predicate_is_evaluated_only_on_tiles_the_rest_leaves_undecided():
+    seen = []
+
+    def odd_keys(i, j):
+        seen.append(torch.broadcast_shapes(i.shape, j.shape).numel())
+        return j % 2 == 1
+
+    n, block = 4096, 64
+    spec = maskc.Spec(q_len=n, kv_len=n, mask=maskc.Range(q=(0, 100), kv=(0, 100)) & maskc.Predicate(fn=odd_keys))
+    cm = maskc.compile(spec, block)
+    assert sum(seen) <= 4 * block * block  # the 2 x 2 tiles the range touches, not n * n
+    assert cm.allowed_pairs() == 100 * 50
+    assert cm.empty_rows.tolist() == list(range(100, n))
+
+
+def test_block_size_must_be_a_positive_int_or_pair():
+    spec = maskc.Spec(q_len=8, kv_len=8, mask=maskc.Causal())
+    for bad in (0, -4, (4,), (4, 0), (4, 4, 4), 2.5, True, "16"):
+        with pytest.raises((ValueError, TypeError), match="block_size"):
+            maskc.compile(spec, bad)
+
+
+def test_debug_hook_reports_every_pass_in_dependency_order():
+    lines = []
+    maskc.compile(maskc.Spec(q_len=8, kv_len=8, mask=maskc.Causal()), 4, debug=lines.append)
+    names = [line.split()[1] for line in lines]
+    assert names == ["simplify", "lower", "classify", "empty", "tables"]
+
+
+# -- memory and scale ------------------------------------------------------------------------------
+
+
+def test_nbytes_counts_tables_and_grows_with_tokens_not_tiles():
+    def compiled(n):
+        return maskc.compile(maskc.Spec(q_len=n, kv_len=n, mask=maskc.Causal()), 128)
+
+    small, large = compiled(1 << 14), compiled(1 << 16)
+    assert small.nbytes >= small.table.nbytes > 0
+    assert large.nbytes < 6 * small.nbytes  # 4x the tokens, 16x the tiles
+    assert large.table.nbytes < 5 * small.table.nbytes
+    n_tiles = large.n_q_blocks * large.n_kv_blocks
+    assert large.table.forward.full_runs.shape[0] <= large.n_q_blocks  # one FULL run per query block
+    assert large.table.nbytes < n_tiles  # less than one byte per tile
+
+
+def test_dense_refuses_past_the_size_limit():
+    cm = maskc.compile(maskc.Spec(q_len=1 << 20, kv_len=1 << 20, mask=maskc.Causal()), 1024)
+    with pytest.raises(ValueError, match="dense"):
+        cm.dense()
+
+
+def doc_lengths(total: int, seed: int) -> list[int]:
+    """Seeded document lengths of 512 to 16K tokens summing to ``total``."""
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(min(int(rng.integers(512, 16385)), total - sum(lengths)))
+    return lengths
+
+
+def test_million_token_document_causal_compiles_quickly_and_small():
+    n, block = 1 << 20, 128
+    lengths = doc_lengths(n, seed=0)
+    spec = maskc.Spec(q_len=n, kv_len=n, mask=maskc.Documents(lengths=lengths) & maskc.Causal())
+    maskc.compile(maskc.Spec(q_len=4096, kv_len=4096, mask=spec.mask.of[1]), block)  # warm imports
+    start = time.perf_counter()
+    cm = maskc.compile(spec, block)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"compile took {elapsed:.2f} s"  # the benchmark's target is 0.1 s; this is a smoke bound
+    n_q = cm.n_q_blocks
+    assert cm.table.nbytes < 1 << 20 and cm.nbytes < 64 << 20  # vs n_q * n_q = 64M tiles
+    assert cm.empty_rows.numel() == 0 and cm.empty_cols.numel() == 0
+    assert cm.allowed_pairs() == sum(x * (x + 1) // 2 for x in lengths)
+    # each query block's tiles: from the block of its first row's document start to its diagonal
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for qb in np.random.default_rng(1).choice(n_q, 50, replace=False).tolist():
+        first_row = qb * block
+        doc_start = starts[np.searchsorted(starts, first_row, side="right") - 1]
+        runs = cm.table.forward.runs_of(0, qb, True) + cm.table.forward.runs_of(0, qb, False)
+        assert min(r[0] for r in runs) == doc_start // block
+        assert max(r[1] for r in runs) == qb + 1

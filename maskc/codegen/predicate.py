@@ -39,14 +39,27 @@ MAX_POSITIONS = 1 << 30
 PATTERN_BODY = ["allowed = tl.load(patterns + pattern.to(tl.int64) * (BQ * BK) + (i % BQ) * BK + (j % BK)) != 0"]
 
 
-@dataclass
-class Scope:
-    """Where a node is evaluated: its coordinate tensors and its sizes (emitted on first use)."""
+def _once(make: Callable):
+    """``make()`` on the first call, its result afterwards: code is emitted only where used."""
+    cache = []
 
-    i: str
-    j: str
+    def get():
+        if not cache:
+            cache.append(make())
+        return cache[0]
+
+    return get
+
+
+@dataclass(eq=False)
+class Scope:
+    """Where a node is evaluated: its coordinates ``i()``, ``j()`` and sizes ``sizes()``
+    (variable names, emitted on first use) and the largest ``(q_len, kv_len)`` it takes."""
+
+    i: Callable[[], str]
+    j: Callable[[], str]
     sizes: Callable[[], tuple[str, str]]
-    extent: tuple[int, int]  # largest (q_len, kv_len) this scope takes, to size per-token tables
+    extent: tuple[int, int]
 
 
 @dataclass
@@ -66,24 +79,28 @@ class _Emitter:
         return name
 
     def number(self, value: int) -> str:
-        self.numbers.append(int(np.clip(value, -self.limit, self.limit)))
-        return self.var(f"tl.load(args + {len(self.numbers)})")  # args[0] is the structure index
+        """A mask parameter, read from ``args``; clamping keeps its meaning on the scope."""
+        return self._arg(int(np.clip(value, -self.limit, self.limit)))
 
     def table(self, values: np.ndarray) -> str:
         """A per-token int32 table in ``data``; returns the variable holding its offset."""
         offset = self.data_base + sum(len(d) for d in self.data)
         self.data.append(np.asarray(values, dtype=np.int32))
-        return self.number(offset)
+        return self._arg(offset)
+
+    def _arg(self, value: int) -> str:
+        self.numbers.append(value)
+        return self.var(f"tl.load(args + {len(self.numbers)})")  # args[0] is the structure index
 
     def gather(self, values: np.ndarray, at: str, missing: int) -> str:
         """``values[at]`` for an index tensor ``at`` (``missing`` outside the table)."""
         start = self.table(values)
-        inside = f"({at} >= 0) & ({at} < {len(values)})"
+        inside = f"({at} >= 0) & ({at} < {self._arg(len(values))})"
         return self.var(f"tl.load(data + {start} + {at}, mask={inside}, other={missing})")
 
     def emit(self, mask: ir.Mask, scope: Scope) -> str:
         """Variable name (or ``"True"``/``"False"``) of ``mask`` evaluated on ``scope``."""
-        key = (mask, scope.i, scope.j)
+        key = (mask, scope)
         if key not in self.memo:
             rule = _RULES.get(type(mask))
             if rule is None:
@@ -94,7 +111,7 @@ class _Emitter:
 
 def _diagonal(em: _Emitter, align: str, scope: Scope, offset: int | None) -> str:
     """``i + s + offset`` with ``s`` the scope's ``kv_len - q_len`` for bottom-right alignment."""
-    terms = [scope.i]
+    terms = [scope.i()]
     if offset is not None:
         terms.append(em.number(offset))
     if align == "bottom_right":
@@ -104,31 +121,31 @@ def _diagonal(em: _Emitter, align: str, scope: Scope, offset: int | None) -> str
 
 
 def _causal(em, m: ir.Causal, scope):
-    return em.var(f"{scope.j} <= {_diagonal(em, m.align, scope, m.offset)}")
+    return em.var(f"{scope.j()} <= {_diagonal(em, m.align, scope, m.offset)}")
 
 
 def _window(em, m: ir.SlidingWindow, scope):
     centre = em.var(_diagonal(em, m.align, scope, None))
     terms = []
     if m.left is not None:
-        terms.append(f"({scope.j} >= {centre} - {em.number(m.left)})")
+        terms.append(f"({scope.j()} >= {centre} - {em.number(m.left)})")
     if m.right is not None:
-        terms.append(f"({scope.j} <= {centre} + {em.number(m.right)})")
+        terms.append(f"({scope.j()} <= {centre} + {em.number(m.right)})")
     return em.var(" & ".join(terms))
 
 
 def _chunked(em, m: ir.Chunked, scope):
     size = em.number(m.size)
-    return em.var(f"({scope.i} // {size}) == ({scope.j} // {size})")
+    return em.var(f"({scope.i()} // {size}) == ({scope.j()} // {size})")
 
 
 def _prefix(em, m: ir.Prefix, scope):
-    return em.var(f"{scope.j} < {em.number(m.length)}")
+    return em.var(f"{scope.j()} < {em.number(m.length)}")
 
 
 def _range(em, m: ir.Range, scope):
     a, b, c, d = (em.number(x) for x in (*m.q, *m.kv))
-    return em.var(f"({scope.i} >= {a}) & ({scope.i} < {b}) & ({scope.j} >= {c}) & ({scope.j} < {d})")
+    return em.var(f"({scope.i()} >= {a}) & ({scope.i()} < {b}) & ({scope.j()} >= {c}) & ({scope.j()} < {d})")
 
 
 def _documents(em, m: ir.Documents, scope):
@@ -166,14 +183,18 @@ def _and(em, parts: list[str]) -> str:
     if "False" in parts:
         return "False"
     parts = [p for p in parts if p != "True"]
-    return em.var(" & ".join(f"({p})" for p in parts)) if parts else "True"
+    if len(parts) < 2:
+        return parts[0] if parts else "True"
+    return em.var(" & ".join(f"({p})" for p in parts))
 
 
 def _or(em, parts: list[str]) -> str:
     if "True" in parts:
         return "True"
     parts = [p for p in parts if p != "False"]
-    return em.var(" | ".join(f"({p})" for p in parts)) if parts else "False"
+    if len(parts) < 2:
+        return parts[0] if parts else "False"
+    return em.var(" | ".join(f"({p})" for p in parts))
 
 
 def _not(em, m: ir.Not, scope):
@@ -262,6 +283,8 @@ def mask_code(cm) -> MaskCode:
         args[slot, 0] = structure
         args[slot, 1:1 + len(code.numbers)] = code.numbers
     chunks = [d for _, code in per_slot for d in code.data]
+    if data_base >= 1 << 31:
+        raise ValueError(f"the mask's per-token tables hold {data_base} entries, more than int32 indexing allows")
     data = np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(1, dtype=np.int32)
 
     lines = [_HEADER]
