@@ -175,8 +175,8 @@ def test_document_causal_5_4_3_block_map_and_empties():
     assert cm.block_kinds.tolist() == [[[P, E, E], [P, P, E], [E, P, P]]]
     assert cm.empty_rows.tolist() == [] and cm.empty_cols.tolist() == []
     assert cm.allowed_pairs() == 15 + 10 + 6
-    rows = maskc.compile(spec, block_size=(3, 4))  # rows 3-5 hold documents 0 and 1
-    assert rows.block_kinds.tolist() == [[[P, E, E], [2, P, E], [E, P, E], [E, P, P]]]
+    tall = maskc.compile(spec, block_size=(6, 2))  # rows 0-5 hold documents 0 and 1
+    assert tall.block_kinds.tolist() == [[[P, P, P, E, E, E], [E, E, P, P, P, P]]]
 
 
 def test_yaml_text_compiles_like_the_python_spec():

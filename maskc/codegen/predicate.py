@@ -154,29 +154,24 @@ def _documents(em, m: ir.Documents, scope):
     n_q, n_k = scope.extent
     doc_of_q = np.searchsorted(q_start, np.arange(n_q), side="right") - 1
     doc_of_k = np.searchsorted(k_start, np.arange(n_k), side="right") - 1
-    q_in = doc_of_q < len(m.lengths)
-    k_in = doc_of_k < len(m.lengths)
+    last = len(m.lengths) - 1
+    q_doc, k_doc = np.minimum(doc_of_q, last), np.minimum(doc_of_k, last)
+    lengths = np.asarray(m.lengths, dtype=np.int64)[q_doc]
+    key_lengths = np.asarray(m.key_lengths, dtype=np.int64)[q_doc]
+    inner = Scope(
+        i=_once(lambda: em.gather(np.arange(n_q) - q_start[q_doc], scope.i(), 0)),
+        j=_once(lambda: em.gather(np.arange(n_k) - k_start[k_doc], scope.j(), 0)),
+        # the row's document scope, read only where the inner node needs it
+        sizes=_once(lambda: (em.gather(lengths, scope.i(), 0), em.gather(key_lengths, scope.i(), 0))),
+        extent=(max(m.lengths), max(m.key_lengths)),
+    )
+    inner_allowed = em.emit(m.inner, inner)
+    if inner_allowed == "False":
+        return "False"
     # padding is -1 on the query side and -2 on the key side, so it never matches
-    q_doc = em.gather(np.where(q_in, doc_of_q, -1), scope.i, -1)
-    k_doc = em.gather(np.where(k_in, doc_of_k, -2), scope.j, -2)
-    q_doc_clamped = np.minimum(doc_of_q, len(m.lengths) - 1)
-    k_doc_clamped = np.minimum(doc_of_k, len(m.lengths) - 1)
-    local_i = em.gather(np.arange(n_q) - q_start[q_doc_clamped], scope.i, 0)
-    local_j = em.gather(np.arange(n_k) - k_start[k_doc_clamped], scope.j, 0)
-    lengths = np.asarray(m.lengths, dtype=np.int64)
-    key_lengths = np.asarray(m.key_lengths, dtype=np.int64)
-    sizes_cache: list[tuple[str, str]] = []
-
-    def sizes() -> tuple[str, str]:  # the row's document scope, only if the inner node needs it
-        if not sizes_cache:
-            sizes_cache.append((em.gather(lengths[q_doc_clamped], scope.i, 0),
-                                em.gather(key_lengths[q_doc_clamped], scope.i, 0)))
-        return sizes_cache[0]
-
-    inner_extent = (max(m.lengths, default=0), max(m.key_lengths, default=0))
-    inner = em.emit(m.inner, Scope(local_i, local_j, sizes, inner_extent))
-    same = em.var(f"{q_doc} == {k_doc}")
-    return _and(em, [same, inner])
+    q_id = em.gather(np.where(doc_of_q <= last, doc_of_q, -1), scope.i(), -1)
+    k_id = em.gather(np.where(doc_of_k <= last, doc_of_k, -2), scope.j(), -2)
+    return _and(em, [em.var(f"{q_id} == {k_id}"), inner_allowed])
 
 
 def _and(em, parts: list[str]) -> str:
@@ -229,7 +224,7 @@ class SlotCode:
 def slot_code(mask: ir.Mask, q_len: int, kv_len: int, data_base: int) -> SlotCode:
     """The body computing ``allowed`` for one structured slot (no ``Dense``/``Predicate``)."""
     em = _Emitter(limit=q_len + kv_len + 1, data_base=data_base)
-    scope = Scope("i", "j", lambda: ("q_len", "kv_len"), (q_len, kv_len))
+    scope = Scope(lambda: "i", lambda: "j", lambda: ("q_len", "kv_len"), (q_len, kv_len))
     result = em.emit(mask, scope)
     in_range = "(i < q_len) & (j < kv_len)"
     if result == "True":

@@ -94,8 +94,9 @@ def _items(group, lo, hi):
 
 def classify(bounds: Bounds, mask: ir.Mask, q_len: int, kv_len: int, bq: int, bk: int) -> BlockMap:
     n_q, n_kv = -(-q_len // bq), -(-kv_len // bk)
-    t_lo, t_hi, _, _ = _block_spans(bounds.maybe, kv_len, bk, n_kv)
-    _, _, f_lo, f_hi = _block_spans(bounds.sure, kv_len, bk, n_kv)
+    t_lo, t_hi, f_lo, f_hi = _block_spans(bounds.sure, kv_len, bk, n_kv)
+    if not bounds.exact:
+        t_lo, t_hi, _, _ = _block_spans(bounds.maybe, kv_len, bk, n_kv)
     g_lo, g_hi = _unfilled(f_lo, f_hi, n_kv)
     columns = [t_lo, t_hi, g_lo, g_hi]
     if not bounds.exact:
@@ -103,7 +104,7 @@ def classify(bounds: Bounds, mask: ir.Mask, q_len: int, kv_len: int, bq: int, bk
         u_lo, u_hi, _, _ = _block_spans(undecided, kv_len, bk, n_kv)
         columns += [u_lo, u_hi]
     block = np.arange(q_len, dtype=np.int64) // bq
-    keep = iv.distinct_consecutive(np.concatenate([block[:, None]] + columns, axis=1))
+    keep = iv.distinct_consecutive([block[:, None]] + columns)
     block = block[keep]
     columns = [c[keep] for c in columns]
     sets = [

@@ -159,12 +159,16 @@ def scatter(part: Rows, rows: np.ndarray, n: int) -> Rows:
     return Rows(lo, hi)
 
 
-def distinct_consecutive(keys: np.ndarray) -> np.ndarray:
-    """Indices of rows of ``keys [R, c]`` that differ from the row before them."""
-    keep = np.ones(keys.shape[0], dtype=bool)
-    if keys.shape[0] > 1:
-        keep[1:] = (keys[1:] != keys[:-1]).any(axis=1)
-    return np.flatnonzero(keep)
+def distinct_consecutive(columns: list[np.ndarray]) -> np.ndarray:
+    """Indices of the rows that differ from the row before them in any of
+    ``columns`` (arrays ``[R, c]`` sharing their first dimension)."""
+    n = columns[0].shape[0]
+    changed = np.ones(n, dtype=bool)
+    if n > 1:
+        changed[1:] = False
+        for c in columns:
+            changed[1:] |= (c[1:] != c[:-1]).any(axis=1)
+    return np.flatnonzero(changed)
 
 
 def sweep(sets, width: int, predicates):
