@@ -10,12 +10,10 @@ run (CPU, and CUDA where present) reads the tables too.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, create_mask, flex_attention
 
 import maskc
@@ -23,7 +21,7 @@ from maskc.interop import to_block_mask
 from oracle import block_kinds, spec_masks
 from strategies import specs
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 rng = np.random.default_rng(0)
 DOCS = maskc.Documents(lengths=[100, 0, 90, 50], kv_lengths=[80, 20, 100, 60], inner=maskc.Causal(align="bottom_right"))
@@ -138,7 +136,6 @@ def test_flex_attention_with_exported_mask_equals_maskc(name):
     torch.testing.assert_close(aux.lse.to(lse.dtype), lse)
 
 
-@settings(max_examples=40)
 @given(specs(max_len=40))
 def test_random_specs_export_exactly(spec):
     """Any spec, per-head included, on tiny tiles: every rule's torch form under vmap."""

@@ -1,0 +1,125 @@
+"""Tile sizes, warps and pipeline stages of the attention kernels, and their autotuning.
+
+Tiles and table blocks. The index tables are built for ``cm.block_size =
+(BQ, BK)``. A kernel tile never straddles a table block, so the PARTIAL/FULL
+kind of a table tile holds for every kernel tile inside it:
+
+* forward and dQ: a program owns ``BLOCK_M`` query rows, a divisor of ``BQ``,
+  and steps over keys ``BLOCK_N`` at a time, a divisor of ``BK``;
+* dK/dV: a program owns ``BLOCK_N`` keys (divisor of ``BK``) and steps over
+  queries ``BLOCK_M`` at a time (divisor of ``BQ``).
+
+Both must be powers of two >= 16 (``tl.arange`` and ``tl.dot``), so a table
+block of 128 allows tiles of 16 to 128; ``fit`` shrinks a config to the
+largest power-of-two divisor of the table block.
+
+``config_for`` returns the default for the GPU class, dtype and head dim
+(chosen from measurements on an H100/H200, see bench/RESULTS.md), so a first
+call compiles one variant per kernel and is not slow. With ``MASKC_AUTOTUNE=1``
+the first call for each (kernel, device, dtype, head dim, table block) times
+``CANDIDATES`` and keeps the fastest for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+
+KERNELS = ("forward", "dq", "dkdv")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows: per program (forward, dQ) or per step (dK/dV)
+    block_n: int  # keys: per step (forward, dQ) or per program (dK/dV)
+    num_warps: int
+    num_stages: int
+
+
+#: (kernel, padded head dim) -> config, for 16-bit inputs on Hopper-class GPUs.
+DEFAULTS_16BIT = {
+    ("forward", 16): TileConfig(128, 128, 4, 3),
+    ("forward", 32): TileConfig(128, 128, 4, 3),
+    ("forward", 64): TileConfig(128, 128, 4, 3),
+    ("forward", 128): TileConfig(128, 64, 8, 3),
+    ("forward", 256): TileConfig(64, 64, 4, 2),
+    ("dq", 16): TileConfig(128, 64, 4, 3),
+    ("dq", 32): TileConfig(128, 64, 4, 3),
+    ("dq", 64): TileConfig(128, 64, 4, 3),
+    ("dq", 128): TileConfig(128, 64, 8, 2),
+    ("dq", 256): TileConfig(64, 32, 4, 2),
+    ("dkdv", 16): TileConfig(64, 128, 4, 3),
+    ("dkdv", 32): TileConfig(64, 128, 4, 3),
+    ("dkdv", 64): TileConfig(64, 128, 4, 3),
+    ("dkdv", 128): TileConfig(64, 128, 8, 2),
+    ("dkdv", 256): TileConfig(32, 64, 4, 2),
+}
+
+#: float32 inputs (tests, checks): smaller tiles, the scores take twice the registers.
+DEFAULTS_32BIT = {
+    "forward": TileConfig(64, 32, 4, 2),
+    "dq": TileConfig(64, 32, 4, 2),
+    "dkdv": TileConfig(32, 64, 4, 2),
+}
+
+#: Under ``TRITON_INTERPRET=1`` (CPU tests) the smallest tiles are the fastest.
+INTERPRETER = TileConfig(16, 16, 1, 1)
+
+#: What ``MASKC_AUTOTUNE=1`` tries, before ``fit`` (duplicates after fitting are timed once).
+CANDIDATES = {
+    "forward": [TileConfig(m, n, w, s) for m, n in ((128, 64), (128, 128), (64, 64)) for w in (4, 8) for s in (2, 3)],
+    "dq": [TileConfig(m, n, w, s) for m, n in ((128, 64), (128, 32), (64, 64)) for w in (4, 8) for s in (2, 3)],
+    "dkdv": [TileConfig(m, n, w, s) for m, n in ((64, 128), (32, 128), (64, 64)) for w in (4, 8) for s in (2, 3)],
+}
+
+_tuned: dict[tuple, TileConfig] = {}
+
+
+def _pow2_divisor(block: int) -> int:
+    return block & -block
+
+
+def fit(config: TileConfig, bq: int, bk: int) -> TileConfig:
+    """``config`` with tiles shrunk to divide the table blocks ``(bq, bk)``."""
+    return replace(config, block_m=min(config.block_m, _pow2_divisor(bq)),
+                   block_n=min(config.block_n, _pow2_divisor(bk)))
+
+
+def head_bucket(head_dim: int) -> int:
+    """The padded head dim the kernels work on: a power of two >= 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def default_config(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> TileConfig:
+    if device.type != "cuda":
+        return INTERPRETER
+    if dtype == torch.float32:
+        return DEFAULTS_32BIT[kernel]
+    return DEFAULTS_16BIT[(kernel, head_bucket(head_dim))]
+
+
+def config_for(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, bq: int, bk: int,
+               bench: Optional[Callable[[TileConfig], float]] = None) -> TileConfig:
+    """The tile config of ``kernel``; timed over ``CANDIDATES`` once if ``MASKC_AUTOTUNE=1``.
+
+    ``bench(config)`` runs the kernel with ``config`` and returns its time; it
+    must leave the outputs as a run with any other config would."""
+    chosen = fit(default_config(kernel, device, dtype, head_dim), bq, bk)
+    if bench is None or device.type != "cuda" or os.environ.get("MASKC_AUTOTUNE") != "1":
+        return chosen
+    key = (kernel, torch.cuda.get_device_name(device), dtype, head_bucket(head_dim), bq, bk)
+    if key not in _tuned:
+        from triton.runtime.errors import OutOfResources
+
+        candidates = dict.fromkeys([chosen] + [fit(c, bq, bk) for c in CANDIDATES[kernel]])
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config] = bench(config)
+            except OutOfResources:  # more shared memory or registers than the GPU has: not a candidate
+                continue
+        _tuned[key] = min(timings, key=timings.get)
+    return _tuned[key]

@@ -1,0 +1,425 @@
+"""Pass ``shard``: what we learn about a mask when its sequence is split over P ranks.
+
+Context parallelism gives every rank an equal share of the tokens (the rest of
+the model's work is per token, so shards must stay equal) and runs attention
+as a ring: at step ``t`` rank ``r`` holds the keys and values of rank
+``r - t`` and computes its queries against them. A ``ShardPlan`` says which
+tokens each rank holds and, for every rank and step, the tile it computes,
+how much work that tile is, and whether the K/V shard it holds must travel on.
+
+The sequence is cut into chunks (near-equal, contiguous) and every rank owns
+the same number of them; its shard is its chunks in sequence order:
+
+* ``contiguous``: P chunks, rank ``r`` owns chunk ``r``;
+* ``zigzag``: 2P chunks, rank ``r`` owns chunks ``r`` and ``2P - 1 - r``;
+* ``balanced``: ``k P`` chunks for several ``k``, assigned by swapping chunks
+  between ranks until the busiest rank's work cannot drop (``_balance``); of
+  the candidates whose busiest/mean work is within ``tolerance`` of the best,
+  the one that sends the fewest K/V tokens wins.
+
+Work is the exact number of allowed ``(query, key)`` pairs of every
+``(query chunk, key chunk)`` pair (``pair_work``), counted from the per-row key
+intervals of ``lower`` in time linear in the tokens: the mask is never
+materialised. A shard travels round the ring only as far as the last rank that
+needs it (``last_hop``): a document-causal mask needs few hops, a causal one
+all of them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+import numpy as np
+
+from ..ir import nodes as ir
+from ..ir.spec import Spec
+from ..partitioning import crop_spec, split_points
+from . import intervals as iv
+from .lower import Bounds
+from .pipeline import Pass, run_pipeline
+
+STRATEGIES = ("contiguous", "zigzag", "balanced")
+
+#: Elements of the mask evaluated at a time for ``Dense``/``Predicate`` heads.
+EVAL_BATCH = 1 << 22
+
+
+def pair_work(rows: iv.Rows, starts: np.ndarray) -> np.ndarray:
+    """``int64[C, C]``: allowed pairs of every (query chunk, key chunk), from exact row intervals.
+
+    The keys of ``[lo, hi)`` inside key chunk ``b`` are ``F_b(hi) - F_b(lo)`` with
+    ``F_b(x) = clip(x - starts[b], 0, len_b)``: all of chunk ``b`` when ``x`` lies
+    in a later chunk, ``x - starts[b]`` when it lies in ``b``, none before. So
+    every interval end adds (``hi``) or removes (``lo``) its offset inside its own
+    chunk and one whole chunk for every chunk before it; summed per query chunk
+    with ``bincount`` and a suffix sum, that is linear in the rows.
+    (``bincount`` sums in float64, exact while sums stay below 2**53, i.e. for
+    sequences under 67M tokens.)
+    """
+    n = len(starts) - 1
+    q_chunk = np.repeat(np.arange(n, dtype=np.int64), np.diff(starts))
+    ends = np.concatenate([rows.hi, rows.lo], axis=1)
+    sign = np.concatenate([np.ones_like(rows.hi), -np.ones_like(rows.lo)], axis=1)
+    k_chunk = np.searchsorted(starts, ends, side="right") - 1  # the sequence's end is chunk n
+    cell = (q_chunk[:, None] * (n + 1) + k_chunk).ravel()
+    size = n * (n + 1)
+    crossings = np.bincount(cell, weights=sign.ravel(), minlength=size).reshape(n, n + 1)
+    inside = np.bincount(cell, weights=(sign * (ends - starts[k_chunk])).ravel(), minlength=size).reshape(n, n + 1)
+    later = np.cumsum(crossings[:, ::-1], axis=1)[:, ::-1]  # ends in chunk b or after it
+    work = inside[:, :n] + np.diff(starts)[None, :] * later[:, 1:]
+    return np.rint(work).astype(np.int64)
+
+
+def _undecided_work(mask: ir.Mask, bounds: Bounds, starts: np.ndarray) -> np.ndarray:
+    """``int64[C, C]``: allowed pairs among the keys the intervals leave undecided
+    (``maybe`` but not ``sure``, under ``Dense``/``Predicate``), evaluated a batch of rows at a time."""
+    n, seq_len = len(starts) - 1, int(starts[-1])
+    undecided = iv.intersect(bounds.maybe, iv.complement(bounds.sure, seq_len))
+    real = undecided.real()
+    out = np.zeros((n, n), dtype=np.int64)
+    per_batch = max(1, EVAL_BATCH // seq_len)
+    for r0 in range(0, seq_len, per_batch):
+        r1 = min(r0 + per_batch, seq_len)
+        live = real[r0:r1]
+        if not live.any():
+            continue
+        c0, c1 = int(undecided.lo[r0:r1][live].min()), int(undecided.hi[r0:r1][live].max())
+        i = np.arange(r0, r1, dtype=np.int64)[:, None]
+        j = np.arange(c0, c1, dtype=np.int64)[None, :]
+        hits = iv.window(undecided, r0, r1, c0, c1) & mask.allowed(i, j, seq_len, seq_len)
+        # per (query chunk, key chunk): reduceat at the chunk starts inside this batch
+        qa, qb = np.searchsorted(starts, [r0, r1 - 1], side="right") - 1
+        ka, kb = np.searchsorted(starts, [c0, c1 - 1], side="right") - 1
+        q_cuts = np.maximum(starts[qa:qb + 1], r0) - r0
+        k_cuts = np.maximum(starts[ka:kb + 1], c0) - c0
+        counts = np.add.reduceat(np.add.reduceat(hits.astype(np.int64), q_cuts, axis=0), k_cuts, axis=1)
+        out[qa:qb + 1, ka:kb + 1] += counts
+    return out
+
+
+def spec_pair_work(simplified: Spec, rows: dict, starts: np.ndarray) -> np.ndarray:
+    """``int64[C, C]``: ``pair_work`` summed over the heads (each distinct head counted once)."""
+    per_mask = {}
+    for mask, bounds in rows.items():
+        work = pair_work(bounds.sure, starts)
+        per_mask[mask] = work if bounds.exact else work + _undecided_work(mask, bounds, starts)
+    return sum(per_mask[m] for m in simplified.heads)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """What rank ``rank`` computes at ring step ``step``: its queries against the
+    K/V shard of rank ``source``; ``work`` allowed pairs (0: skipped)."""
+
+    rank: int
+    step: int
+    source: int
+    work: int
+
+    @property
+    def empty(self) -> bool:
+        return self.work == 0
+
+
+@dataclass(frozen=True, eq=False)
+class ShardPlan:
+    """A sharding of ``spec``'s sequence over ``world_size`` ranks and its ring schedule.
+
+    ``starts: int64[C + 1]`` are the chunk boundaries, ``owner: int64[C]`` the rank
+    of each chunk, ``pair_work: int64[C, C]`` the allowed pairs of every (query
+    chunk, key chunk), summed over heads. Rank ``r``'s shard is its chunks in
+    sequence order; local position ``p`` of rank ``r`` is global ``positions(r)[p]``.
+    """
+
+    spec: Spec
+    strategy: str
+    world_size: int
+    starts: np.ndarray
+    owner: np.ndarray
+    pair_work: np.ndarray = field(repr=False)
+
+    # -- the sharding ----------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.owner)
+
+    def chunks_of(self, rank: int) -> np.ndarray:
+        """Chunk indices of ``rank``, in sequence order."""
+        return np.flatnonzero(self.owner == rank)
+
+    @cached_property
+    def shard_lengths(self) -> np.ndarray:
+        """``int64[P]``: tokens held by each rank."""
+        return np.bincount(self.owner, weights=np.diff(self.starts), minlength=self.world_size).astype(np.int64)
+
+    def positions(self, rank: int) -> np.ndarray:
+        """``int64[shard_lengths[rank]]``: the global positions of ``rank``'s tokens, in local order."""
+        chunks = self.chunks_of(rank)
+        return np.concatenate([np.arange(self.starts[c], self.starts[c + 1]) for c in chunks]).astype(np.int64)
+
+    def shard(self, x, rank: int, dim: int = -2):
+        """``rank``'s local shard of the full-sequence tensor ``x`` (sequence along ``dim``)."""
+        import torch
+
+        return x.index_select(dim, torch.from_numpy(self.positions(rank)).to(x.device))
+
+    def unshard(self, shards, dim: int = -2):
+        """The full-sequence tensor from every rank's shard (the inverse of ``shard``)."""
+        import torch
+
+        order = np.argsort(np.concatenate([self.positions(r) for r in range(self.world_size)]))
+        return torch.cat(list(shards), dim=dim).index_select(dim, torch.from_numpy(order).to(shards[0].device))
+
+    @cached_property
+    def fingerprint(self) -> int:
+        """A 63-bit hash of the sharding, for checking that every rank holds the same plan."""
+        text = f"{self.strategy}/{self.world_size}/".encode() + self.starts.tobytes() + self.owner.tobytes()
+        return zlib.crc32(text) | (zlib.crc32(text[::-1]) << 31)
+
+    # -- the work --------------------------------------------------------------
+    @cached_property
+    def rank_work(self) -> np.ndarray:
+        """``int64[P, P]``: allowed pairs of rank ``r``'s queries against rank ``s``'s keys."""
+        out = np.zeros((self.world_size, self.world_size), dtype=np.int64)
+        np.add.at(out, (self.owner[:, None], self.owner[None, :]), self.pair_work)
+        return out
+
+    @property
+    def work(self) -> np.ndarray:
+        """``int64[P]``: allowed pairs computed by each rank."""
+        return self.rank_work.sum(axis=1)
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's work over the mean (1.0 is perfect)."""
+        mean = self.work.mean()
+        return float(self.work.max() / mean) if mean else 1.0
+
+    # -- the ring ----------------------------------------------------------------
+    def source(self, rank: int, step: int) -> int:
+        """The rank whose K/V shard ``rank`` holds at ``step``."""
+        return (rank - step) % self.world_size
+
+    @cached_property
+    def last_hop(self) -> np.ndarray:
+        """``int64[P]``: the last step at which shard ``s`` is needed (by rank ``s + t``); 0 if only by ``s``."""
+        p = self.world_size
+        hops = np.arange(p)
+        # needed[s, t]: rank s + t computes something against shard s
+        needed = self.rank_work[(np.arange(p)[:, None] + hops[None, :]) % p, np.arange(p)[:, None]] > 0
+        return np.where(needed, hops[None, :], 0).max(axis=1)
+
+    @property
+    def n_steps(self) -> int:
+        """Ring steps run: one past the farthest hop any shard makes."""
+        return int(self.last_hop.max()) + 1
+
+    def tile(self, rank: int, step: int) -> Tile:
+        source = self.source(rank, step)
+        return Tile(rank, step, source, int(self.rank_work[rank, source]))
+
+    @cached_property
+    def tiles(self) -> tuple[tuple[Tile, ...], ...]:
+        """``tiles[rank][step]`` for the ``n_steps`` steps."""
+        return tuple(tuple(self.tile(r, t) for t in range(self.n_steps)) for r in range(self.world_size))
+
+    def forwards(self, rank: int, step: int) -> bool:
+        """Whether ``rank`` sends the K/V shard it holds at ``step`` on to ``rank + 1``."""
+        return step < int(self.last_hop[self.source(rank, step)])
+
+    def receives(self, rank: int, step: int) -> bool:
+        """Whether ``rank`` receives a K/V shard from ``rank - 1`` during ``step`` (for ``step + 1``)."""
+        return self.forwards((rank - 1) % self.world_size, step)
+
+    def final_holder(self, source: int) -> int:
+        """The rank that holds shard ``source`` last (it returns the shard's dK/dV to ``source``)."""
+        return (source + int(self.last_hop[source])) % self.world_size
+
+    def sent_tokens(self, rank: int) -> int:
+        """K/V tokens ``rank`` sends in the forward pass."""
+        return sum(int(self.shard_lengths[self.source(rank, t)]) for t in range(self.n_steps) if self.forwards(rank, t))
+
+    def plain_ring_tokens(self, rank: int) -> int:
+        """K/V tokens ``rank`` would send in a ring that forwards every shard P - 1 times."""
+        return sum(int(self.shard_lengths[self.source(rank, t)]) for t in range(self.world_size - 1))
+
+    # -- the tiles' masks --------------------------------------------------------
+    def local_starts(self, rank: int) -> np.ndarray:
+        """``int64[k]``: where each of ``rank``'s chunks starts in its local shard."""
+        sizes = np.diff(self.starts)[self.chunks_of(rank)]
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def tile_spec(self, rank: int, source: int) -> Spec:
+        """The ``Spec`` of ``rank``'s queries against ``source``'s keys, in local shard coordinates.
+
+        Each (query chunk ``a``, key chunk ``b``) pair with work is the global mask
+        cropped to the window that puts ``a`` and ``b`` at their local offsets
+        (the window starts ``offset`` before the chunk, which is never before 0
+        since the chunks before it in the shard lie before it in the sequence),
+        kept to the chunks' rows and keys by a ``Range`` when the shard has more
+        than one chunk; the tile is the ``Or`` of those pieces.
+        """
+        n_q, n_kv = int(self.shard_lengths[rank]), int(self.shard_lengths[source])
+        q_chunks, kv_chunks = self.chunks_of(rank), self.chunks_of(source)
+        alone = len(q_chunks) == 1 and len(kv_chunks) == 1
+        pieces: list[list[ir.Mask]] = [[] for _ in self.spec.heads]
+        for a, oa in zip(q_chunks.tolist(), self.local_starts(rank).tolist()):
+            for b, ob in zip(kv_chunks.tolist(), self.local_starts(source).tolist()):
+                if self.pair_work[a, b] == 0:
+                    continue
+                q0, k0 = int(self.starts[a]) - oa, int(self.starts[b]) - ob
+                window = crop_spec(self.spec, q0, q0 + n_q, k0, k0 + n_kv)
+                keep = ir.Range(q=(oa, oa + int(self.starts[a + 1] - self.starts[a])),
+                                kv=(ob, ob + int(self.starts[b + 1] - self.starts[b])))
+                for h, mask in enumerate(window.heads):
+                    pieces[h].append(mask if alone else keep & mask)
+        heads = tuple(ir.Or(of=tuple(p)) if len(p) > 1 else p[0] if p else ir.Empty() for p in pieces)
+        return Spec(q_len=n_q, kv_len=n_kv, mask=heads if isinstance(self.spec.mask, tuple) else heads[0])
+
+
+# -- the strategies -----------------------------------------------------------------
+
+
+def _contiguous(p: int) -> np.ndarray:
+    return np.arange(p, dtype=np.int64)
+
+
+def _zigzag(p: int) -> np.ndarray:
+    c = np.arange(2 * p, dtype=np.int64)
+    return np.where(c < p, c, 2 * p - 1 - c)
+
+
+def _striped(p: int, k: int) -> np.ndarray:
+    """Chunk ``c`` to rank ``c mod P``: a chunk's predecessor is one hop back on the ring."""
+    return np.arange(k * p, dtype=np.int64) % p
+
+
+def _folded(p: int, k: int) -> np.ndarray:
+    """Zigzag repeated: every 2P chunks, rank ``r`` owns the ``r``-th and ``(2P-1-r)``-th."""
+    c = np.arange(k * p, dtype=np.int64) % (2 * p)
+    return np.where(c < p, c, 2 * p - 1 - c)
+
+
+def _balance(weights: np.ndarray, owner: np.ndarray, p: int) -> np.ndarray:
+    """Swap chunks between the busiest rank and another until no swap lowers the busiest.
+
+    A swap of chunk ``a`` (busiest rank ``r``) with chunk ``b`` (rank ``o``) is
+    taken when both ranks end below ``r``'s load; among those, the partner
+    nearest on the ring (so shards travel fewer hops), then the lowest result.
+    Each swap lowers the sorted load vector, so the loop ends.
+    """
+    owner = owner.copy()
+    load = np.bincount(owner, weights=weights, minlength=p)
+    for _ in range(64 * len(owner)):
+        r = int(np.argmax(load))
+        mine, others = np.flatnonzero(owner == r), np.flatnonzero(owner != r)
+        moved = weights[mine][:, None] - weights[others][None, :]
+        worst = np.maximum(load[r] - moved, load[owner[others]][None, :] + moved)
+        better = worst < load[r]
+        if not better.any():
+            break
+        gap = (owner[others] - r) % p
+        distance = np.broadcast_to(np.minimum(gap, p - gap)[None, :], worst.shape)
+        score = np.where(better, distance * (load[r] + 1) + worst, np.inf)
+        i, j = np.unravel_index(int(np.argmin(score)), score.shape)
+        a, b = mine[i], others[j]
+        load[r] -= moved[i, j]
+        load[owner[b]] += moved[i, j]
+        owner[a], owner[b] = owner[b], r
+    return owner
+
+
+def _candidates(strategy: str, p: int, seq_len: int, max_chunks_per_rank: int, min_chunk: int):
+    """``(starts, owner layouts)`` to evaluate: one for contiguous/zigzag, several for balanced."""
+    if strategy == "contiguous":
+        return [(p, [_contiguous(p)])]
+    if strategy == "zigzag":
+        return [(2 * p, [_zigzag(p)])]
+    out = [(p, [_contiguous(p)])]
+    k = 2
+    while k <= max_chunks_per_rank and seq_len >= k * p * min_chunk:
+        out.append((k * p, [_striped(p, k), _folded(p, k)]))
+        k *= 2
+    return out
+
+
+def _check(spec: Spec, world_size, strategy: str) -> None:
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec must be a maskc.Spec, got {type(spec).__name__}")
+    if spec.q_len != spec.kv_len:
+        raise ValueError(
+            f"spec has q_len={spec.q_len} and kv_len={spec.kv_len}; context parallelism shards one sequence, "
+            "so they must be equal"
+        )
+    if not isinstance(world_size, (int, np.integer)) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"{world_size=} must be a positive int")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
+    least = 2 * world_size if strategy == "zigzag" else world_size
+    if spec.q_len < least:
+        raise ValueError(
+            f"a sequence of {spec.q_len} tokens cannot be split into the {least} non-empty chunks that "
+            f"strategy={strategy!r} needs for world_size={world_size}"
+        )
+
+
+def plan_shards(simplified: Spec, rows: dict, spec: Spec, world_size: int, strategy: str,
+                max_chunks_per_rank: int = 16, min_chunk: int = 128, tolerance: float = 0.01) -> ShardPlan:
+    """The ``ShardPlan`` of ``strategy`` from the lowered heads (``rows``: head -> ``Bounds``)."""
+    plans = []
+    for n_chunks, owners in _candidates(strategy, world_size, spec.q_len, max_chunks_per_rank, min_chunk):
+        starts = split_points(n_chunks, spec.q_len)  # near-equal chunks, as maskc.partition splits
+        work = spec_pair_work(simplified, rows, starts)
+        for owner in owners:
+            if strategy == "balanced":
+                owner = _balance(work.sum(axis=1).astype(np.float64), owner, world_size)
+            plans.append(ShardPlan(spec, strategy, world_size, starts, owner, work))
+    best = min(plan.imbalance for plan in plans)
+    fit = [plan for plan in plans if plan.imbalance <= best + tolerance]
+    return min(fit, key=lambda plan: (max(plan.sent_tokens(r) for r in range(world_size)), plan.n_chunks))
+
+
+@dataclass(frozen=True)
+class Shard(Pass):
+    """The ``ShardPlan`` of the spec for ``world_size`` ranks and ``strategy``."""
+
+    name: str = "shard"
+    needs: tuple = ("spec", "simplified", "rows", "world_size", "strategy")
+    provides: tuple = ("shard_plan",)
+    max_chunks_per_rank: int = 16
+    min_chunk: int = 128
+    tolerance: float = 0.01
+
+    def run(self, state):
+        return {"shard_plan": plan_shards(
+            state["simplified"], state["rows"], state["spec"], state["world_size"], state["strategy"],
+            self.max_chunks_per_rank, self.min_chunk, self.tolerance,
+        )}
+
+
+def shard_plan(spec: Spec, world_size: int, strategy: str = "balanced", *, max_chunks_per_rank: int = 16,
+               min_chunk: int = 128, tolerance: float = 0.01, debug=None) -> ShardPlan:
+    """Plan context parallelism of ``spec`` over ``world_size`` ranks.
+
+    ``strategy`` is ``contiguous``, ``zigzag`` or ``balanced``. For ``balanced``,
+    ranks own up to ``max_chunks_per_rank`` chunks of at least ``min_chunk``
+    tokens, and among the layouts whose busiest/mean work is within
+    ``tolerance`` of the best one found, the one sending the fewest K/V tokens
+    is chosen. Raises ``ValueError`` for a sequence the strategy cannot split.
+    """
+    _check(spec, world_size, strategy)
+    from .lower import Lower
+    from .simplify import Simplify
+
+    passes = (Simplify(), Lower(), Shard(max_chunks_per_rank=max_chunks_per_rank, min_chunk=min_chunk,
+                                         tolerance=tolerance))
+    state = run_pipeline(passes, {"spec": spec, "world_size": int(world_size), "strategy": strategy}, debug=debug)
+    return state["shard_plan"]
+
+
+__all__ = ["STRATEGIES", "ShardPlan", "Tile", "pair_work", "shard_plan"]
