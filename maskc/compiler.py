@@ -38,10 +38,14 @@ EMPTY, PARTIAL, FULL = TileKind.EMPTY, TileKind.PARTIAL, TileKind.FULL
 
 
 def _block_sizes(block_size) -> tuple[int, int]:
-    sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(sizes) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+    sizes = (block_size, block_size) if isinstance(block_size, int) else block_size
+    if (
+        not isinstance(sizes, (tuple, list))
+        or len(sizes) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)
+    ):
         raise ValueError(f"{block_size=} must be a positive int or a (q, kv) pair of positive ints")
-    return sizes
+    return tuple(sizes)
 
 
 class CompiledMask:
@@ -157,7 +161,7 @@ class CompiledMask:
         mask = self.spec.heads[head]
         i = np.arange(self.q_len, dtype=np.int64)[:, None]
         j = np.arange(self.kv_len, dtype=np.int64)[None, :]
-        return torch.from_numpy(np.ascontiguousarray(mask.allowed(i, j, self.q_len, self.kv_len)))
+        return torch.from_numpy(np.array(mask.allowed(i, j, self.q_len, self.kv_len), dtype=bool))
 
     def show(self, head: int = 0, max_width: int = 96, file=None) -> str:
         """Print (and return) a text picture of the block map with its statistics."""
