@@ -178,11 +178,11 @@ class CompiledMask:
         render_png(self, path, head=head)
 
     # -- interop and generated code -------------------------------------------------
-    def to_block_mask(self):
-        """This mask as a FlexAttention ``BlockMask`` (see ``maskc.interop``)."""
+    def to_block_mask(self, device=None):
+        """This mask as a FlexAttention ``BlockMask`` on ``device`` (see ``maskc.interop``)."""
         from .interop import to_block_mask
 
-        return to_block_mask(self)
+        return to_block_mask(self, device)
 
     @property
     def kernel_source(self) -> str:

@@ -37,7 +37,10 @@ def _int_vector(value, name: str) -> list[int]:
     """A 1-D sequence, array or tensor of integers as a list (``SpecError`` at ``name`` otherwise)."""
     if hasattr(value, "detach"):  # a torch tensor, on any device
         value = value.detach().cpu().numpy()
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nesting
+        raise SpecError(name, f"must be a 1-D sequence of integers, got {value!r}") from None
     if array.ndim != 1:
         raise SpecError(name, f"must be a 1-D sequence of integers, got shape {array.shape}")
     if array.size and not (np.issubdtype(array.dtype, np.integer) or array.dtype == object):
@@ -197,7 +200,7 @@ def from_cu_seqlens(
 
 
 def from_padded_kv_cache(q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int]) -> Spec:
-    """The mask of xformers' ``BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen)``.
+    """xformers' ``BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen)``.
 
     Decoding with a padded KV cache: the cache holds ``len(kv_seqlen)`` slots of
     ``kv_padding`` keys, sequence ``n`` uses the first ``kv_seqlen[n]`` keys of

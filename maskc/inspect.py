@@ -130,7 +130,8 @@ def render_png(cm: CompiledMask, path, head: int = 0, max_size: int = 1024) -> N
                Patch(color="#f4f4f4", label="EMPTY")]
     if len(rows) or len(cols):
         handles.append(Patch(color="red", label="empty rows / cols"))
-    ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.9)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(handles), fontsize=7,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -19,11 +19,14 @@ The ``BlockMask`` layout (torch 2.13), for ``H == H_mask`` heads and batch 1
 ``BLOCK_SIZE``, ``seq_lengths``          ``cm.block_size``, ``(q_len, kv_len)``
 =======================================  =============================================
 
-This is the layout ``create_block_mask`` produces, entry for entry, with one
-difference: a tile at the ragged end of the sequence is FULL when all of its
-in-range positions are allowed (maskc's rule), where ``create_block_mask``
-counts its out-of-range padding as masked and calls it PARTIAL. FlexAttention's
-kernels bound-check the last block whatever its kind, so the result is the same.
+It is written from maskc's run tables (``cm.table``) in time linear in its
+size, which is FlexAttention's format: four ``int32[H, nQ, nK]`` index tensors
+(maskc's own tables grow with the runs of non-empty tiles). It is the layout
+``create_block_mask`` produces, entry for entry, with one difference: a tile at
+the ragged end of the sequence is FULL when all of its in-range positions are
+allowed (maskc's rule), where ``create_block_mask`` counts its out-of-range
+padding as masked and calls it PARTIAL. FlexAttention's kernels bound-check the
+last block whatever its kind, so the result is the same.
 
 ``mask_mod(b, h, q_idx, kv_idx)`` is built from the simplified expression as
 torch operations that work under ``torch.vmap`` (eager ``flex_attention``,
@@ -43,6 +46,7 @@ import torch
 
 from .errors import SpecError
 from .ir import nodes as ir
+from .passes import intervals as iv
 
 #: ``fn(i, j, q_len, kv_len) -> bool tensor``: a node's rule on index tensors (results
 #: broadcast against each other, as FlexAttention's own ``noop_mask`` does); the scope
@@ -59,13 +63,21 @@ def to_block_mask(cm, device=None):
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    from .compiler import FULL, PARTIAL
-
     device = torch.device("cpu") if device is None else torch.device(device)
-    kinds = cm.block_kinds
-    full, partial = kinds == FULL, kinds == PARTIAL
-    tables = [_ordered(x.to(device)) for x in (partial, full, partial.transpose(1, 2), full.transpose(1, 2))]
-    (kv_num, kv_idx), (full_kv_num, full_kv_idx), (q_num, q_idx), (full_q_num, full_q_idx) = tables
+    table, slots = cm.table, cm.table.head_slot.tolist()
+
+    def layout(direction, full: bool, n_groups: int, width: int):
+        per_slot = [_flex_layout(direction, s, full, n_groups, width) for s in range(len(cm.slot_masks))]
+        count, indices = np.stack([c for c, _ in per_slot]), np.stack([i for _, i in per_slot])
+        if slots != list(range(len(per_slot))):  # heads sharing a slot get their own copy
+            count, indices = count[slots], indices[slots]
+        return (torch.from_numpy(x)[None].to(device) for x in (count, indices))
+
+    n_q, n_kv = cm.n_q_blocks, cm.n_kv_blocks
+    kv_num, kv_idx = layout(table.forward, False, n_q, n_kv)
+    full_kv_num, full_kv_idx = layout(table.forward, True, n_q, n_kv)
+    q_num, q_idx = layout(table.backward, False, n_kv, n_q)
+    full_q_num, full_q_idx = layout(table.backward, True, n_kv, n_q)
     return BlockMask(
         seq_lengths=(cm.q_len, cm.kv_len),
         kv_num_blocks=kv_num,
@@ -81,17 +93,27 @@ def to_block_mask(cm, device=None):
     )
 
 
-def _ordered(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bool[H, R, C]`` -> ``(int32[1, H, R], int32[1, H, R, C])``: per row, the count of
-    active columns and every column, the active ones first, each group ascending.
+def _flex_layout(direction, slot: int, full: bool, n_groups: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One slot's FULL (or PARTIAL) tiles of one table direction in FlexAttention's layout:
+    ``(int32[G], int32[G, width])``, per group the number of listed blocks and every
+    block, the listed ones first, each part ascending (``create_block_mask``'s order).
 
-    A stable partition by two running counts: linear in ``H * R * C``, the size of
-    the output FlexAttention asks for."""
-    count = active.sum(-1, dtype=torch.int64)
-    position = torch.where(active, active.cumsum(-1) - 1, count[..., None] + (~active).cumsum(-1) - 1)
-    columns = torch.arange(active.shape[-1], dtype=torch.int32, device=active.device).expand(active.shape)
-    indices = torch.empty(active.shape, dtype=torch.int32, device=active.device).scatter_(-1, position, columns)
-    return count.to(torch.int32)[None].contiguous(), indices[None].contiguous()
+    Each row is a sequence of intervals, its runs then the gaps between them, so the
+    rows are written as one ``Runs.cells()``: work linear in the output, no sort of it."""
+    ptr, runs = (direction.full_ptr, direction.full_runs) if full else (direction.part_ptr, direction.part_runs)
+    ptr = ptr[slot].numpy().astype(np.int64)
+    runs = runs[ptr[0]:ptr[-1]].numpy().astype(np.int64)
+    group = np.repeat(np.arange(n_groups, dtype=np.int64), np.diff(ptr))
+    lo, hi = runs[:, 0], runs[:, 1]
+    every = np.arange(n_groups, dtype=np.int64)
+    gaps = iv.sweep([(group, lo, hi), (every, np.zeros_like(every), np.full_like(every, width))], width,
+                    {"gaps": lambda c: (c[1] > 0) & (c[0] == 0)})["gaps"]
+    listed_first = np.concatenate([np.zeros(len(group)), np.ones(len(gaps))])
+    g, a, b = (np.concatenate(x) for x in ((group, gaps.group), (lo, gaps.lo), (hi, gaps.hi)))
+    order = np.lexsort((a, listed_first, g))
+    _, columns = iv.Runs(g[order], a[order], b[order]).cells()
+    count = np.bincount(group, weights=hi - lo, minlength=n_groups)
+    return count.astype(np.int32), columns.astype(np.int32).reshape(n_groups, width)
 
 
 # -- mask_mod ------------------------------------------------------------------------

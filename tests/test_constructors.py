@@ -136,6 +136,7 @@ def test_from_padded_kv_cache_matches_xformers(q_seqlen, kv_padding, data):
     (lambda: maskc.from_cu_seqlens([0, 4], [0, 2, 4]), "cu_seqlens_k", "3 entries but cu_seqlens_q has 2"),
     (lambda: maskc.from_cu_seqlens([]), "cu_seqlens_q", "at least one entry"),
     (lambda: maskc.from_cu_seqlens([[0, 4]]), "cu_seqlens_q", "1-D"),
+    (lambda: maskc.from_cu_seqlens([0, [4, 5]]), "cu_seqlens_q", "1-D"),
     (lambda: maskc.from_cu_seqlens([0, 2.5]), "cu_seqlens_q", "integers"),
     (lambda: maskc.from_cu_seqlens([0, 4], window=(-2, 0)), "window[0]", "-1 / None for unbounded"),
     (lambda: maskc.from_cu_seqlens([0, 4], window=(1, 2, 3)), "window", "(left, right) pair"),

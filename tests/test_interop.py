@@ -175,7 +175,7 @@ def test_partition_tiles_export():
 
 
 def test_compiled_flex_attention_reads_the_tables():
-    """torch.compile'd flex_attention skips EMPTY tiles and runs FULL ones unmasked: only right tables give right output."""
+    """Compiled flex_attention skips EMPTY tiles and runs FULL ones unmasked: only right tables give right output."""
     spec = maskc.Spec(q_len=384, kv_len=384, mask=maskc.Documents(lengths=[200, 100, 60]) & maskc.Causal())
     cm = maskc.compile(spec, block_size=128)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -44,10 +44,15 @@ Align = Literal["top_left", "bottom_right"]
 MAX_DENSE_ELEMENTS = 1 << 28
 
 
+def _kind_is_required(schema: dict) -> None:
+    # ``kind`` has a default so that Python code need not write it, but a spec file must
+    schema["required"] = ["kind", *[r for r in schema.get("required", []) if r != "kind"]]
+
+
 class Mask(BaseModel, metaclass=TranslatingMeta):
     """Base of every node. Not instantiated directly."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_kind_is_required)
 
     # -- building expressions -------------------------------------------------
     def __and__(self, other: "Mask") -> "And":
