@@ -12,10 +12,11 @@ the same number of them; its shard is its chunks in sequence order:
 
 * ``contiguous``: P chunks, rank ``r`` owns chunk ``r``;
 * ``zigzag``: 2P chunks, rank ``r`` owns chunks ``r`` and ``2P - 1 - r``;
-* ``balanced``: ``k P`` chunks for several ``k``, assigned by swapping chunks
-  between ranks until the busiest rank's work cannot drop (``_balance``); of
-  the candidates whose busiest/mean work is within ``tolerance`` of the best,
-  the one that sends the fewest K/V tokens wins.
+* ``balanced``: ``k P`` chunks for ``k`` = 1, 2, 4, ... and two starting
+  layouts (striped: chunk ``c`` on rank ``c mod P``; folded: zigzag repeated),
+  chunks swapped between ranks until the busiest rank is within ``tolerance``
+  of the mean (``_balance``); of the candidates balanced that well (or as well
+  as any got), the one whose busiest sender sends the fewest K/V tokens wins.
 
 Work is the exact number of allowed ``(query, key)`` pairs of every
 ``(query chunk, key chunk)`` pair (``pair_work``), counted from the per-row key
@@ -36,8 +37,9 @@ from ..ir import nodes as ir
 from ..ir.spec import Spec
 from ..partitioning import crop_spec, split_points
 from . import intervals as iv
-from .lower import Bounds
+from .lower import Bounds, Lower
 from .pipeline import Pass, run_pipeline
+from .simplify import Simplify
 
 STRATEGIES = ("contiguous", "zigzag", "balanced")
 
@@ -240,6 +242,10 @@ class ShardPlan:
         """The rank that holds shard ``source`` last (it returns the shard's dK/dV to ``source``)."""
         return (source + int(self.last_hop[source])) % self.world_size
 
+    def returned_by(self, rank: int) -> list[int]:
+        """The shards whose finished dK/dV ``rank`` sends back to their owner."""
+        return [s for s in range(self.world_size) if self.last_hop[s] > 0 and self.final_holder(s) == rank]
+
     def sent_tokens(self, rank: int) -> int:
         """K/V tokens ``rank`` sends in the forward pass."""
         return sum(int(self.shard_lengths[self.source(rank, t)]) for t in range(self.n_steps) if self.forwards(rank, t))
@@ -295,7 +301,7 @@ def _zigzag(p: int) -> np.ndarray:
 
 
 def _striped(p: int, k: int) -> np.ndarray:
-    """Chunk ``c`` to rank ``c mod P``: a chunk's predecessor is one hop back on the ring."""
+    """Chunk ``c`` to rank ``c mod P``: a chunk's predecessor is one ring step back."""
     return np.arange(k * p, dtype=np.int64) % p
 
 
@@ -305,32 +311,61 @@ def _folded(p: int, k: int) -> np.ndarray:
     return np.where(c < p, c, 2 * p - 1 - c)
 
 
-def _balance(weights: np.ndarray, owner: np.ndarray, p: int) -> np.ndarray:
-    """Swap chunks between the busiest rank and another until no swap lowers the busiest.
+def _balance(pair_work: np.ndarray, owner: np.ndarray, p: int, target: float) -> np.ndarray:
+    """Swap chunks until the busiest rank's work is at most ``target`` or no swap lowers it.
 
-    A swap of chunk ``a`` (busiest rank ``r``) with chunk ``b`` (rank ``o``) is
-    taken when both ranks end below ``r``'s load; among those, the partner
-    nearest on the ring (so shards travel fewer hops), then the lowest result.
-    Each swap lowers the sorted load vector, so the loop ends.
+    A swap of chunk ``a`` of the busiest rank ``r`` with chunk ``b`` of rank ``o``
+    qualifies when both ranks end below ``r``'s load. Among those, the one that
+    least lengthens the ring trips wins, then the one with the lowest result:
+    ``reach[c, q]`` is how far (in ring steps) the farthest partner of chunk ``c``
+    would be if ``c`` sat on rank ``q``, and a swap costs the change in ``reach``
+    of the two chunks. Each swap lowers the sorted load vector, so the loop ends.
+    Stopping at ``target`` rather than at the optimum keeps the trips short when
+    a layout is already balanced enough.
     """
     owner = owner.copy()
+    weights = pair_work.sum(axis=1).astype(np.float64)
+    partners = (pair_work > 0).astype(np.int64)
+    np.fill_diagonal(partners, 0)
+    by_rank = np.eye(p, dtype=np.int64)[owner]
+    attends = partners @ by_rank  # attends[c, s]: chunks of rank s that chunk c's queries attend
+    attended = partners.T @ by_rank  # attended[c, q]: chunks of rank q whose queries attend chunk c
+    ranks = np.arange(p)
+    steps = (ranks[:, None] - ranks[None, :]) % p  # steps[q, s]: ring steps for shard s to reach rank q
+
+    def reach(chunks, at):
+        """Farthest trip of each chunk's pairs with the chunk on rank ``at`` (broadcast)."""
+        chunks, at = np.broadcast_arrays(chunks, at)
+        out_trip = ((attends[chunks] > 0) * steps[at]).max(axis=-1)
+        in_trip = ((attended[chunks] > 0) * steps[:, at].T.reshape(at.shape + (p,))).max(axis=-1)
+        return np.maximum(out_trip, in_trip)
+
     load = np.bincount(owner, weights=weights, minlength=p)
     for _ in range(64 * len(owner)):
         r = int(np.argmax(load))
+        if load[r] <= target:
+            break
         mine, others = np.flatnonzero(owner == r), np.flatnonzero(owner != r)
         moved = weights[mine][:, None] - weights[others][None, :]
         worst = np.maximum(load[r] - moved, load[owner[others]][None, :] + moved)
         better = worst < load[r]
         if not better.any():
             break
-        gap = (owner[others] - r) % p
-        distance = np.broadcast_to(np.minimum(gap, p - gap)[None, :], worst.shape)
-        score = np.where(better, distance * (load[r] + 1) + worst, np.inf)
-        i, j = np.unravel_index(int(np.argmin(score)), score.shape)
-        a, b = mine[i], others[j]
+        theirs = owner[others]
+        mine_at = reach(mine[:, None], ranks[None, :])
+        longer = (mine_at[:, theirs] - mine_at[:, r][:, None]
+                  + (reach(others, r) - reach(others, theirs))[None, :])
+        i, j = np.unravel_index(int(np.argmin(np.where(better, longer * (load[r] + 1) + worst, np.inf))),
+                                worst.shape)
+        a, b, o = mine[i], others[j], theirs[j]
         load[r] -= moved[i, j]
-        load[owner[b]] += moved[i, j]
-        owner[a], owner[b] = owner[b], r
+        load[o] += moved[i, j]
+        owner[a], owner[b] = o, r
+        for c, old, new in ((a, r, o), (b, o, r)):
+            attends[:, old] -= partners[:, c]
+            attends[:, new] += partners[:, c]
+            attended[:, old] -= partners[c, :]
+            attended[:, new] += partners[c, :]
     return owner
 
 
@@ -369,19 +404,26 @@ def _check(spec: Spec, world_size, strategy: str) -> None:
 
 
 def plan_shards(simplified: Spec, rows: dict, spec: Spec, world_size: int, strategy: str,
-                max_chunks_per_rank: int = 16, min_chunk: int = 128, tolerance: float = 0.01) -> ShardPlan:
+                max_chunks_per_rank: int = 16, min_chunk: int = 128, tolerance: float = 0.02) -> ShardPlan:
     """The ``ShardPlan`` of ``strategy`` from the lowered heads (``rows``: head -> ``Bounds``)."""
+    candidates = [
+        (split_points(n_chunks, spec.q_len), owners)  # near-equal chunks, as maskc.partition splits
+        for n_chunks, owners in _candidates(strategy, world_size, spec.q_len, max_chunks_per_rank, min_chunk)
+    ]
+    # count once, on the pieces every candidate's chunks are made of, and add pieces up per candidate
+    pieces = np.unique(np.concatenate([starts for starts, _ in candidates]))
+    piece_work = spec_pair_work(simplified, rows, pieces)
     plans = []
-    for n_chunks, owners in _candidates(strategy, world_size, spec.q_len, max_chunks_per_rank, min_chunk):
-        starts = split_points(n_chunks, spec.q_len)  # near-equal chunks, as maskc.partition splits
-        work = spec_pair_work(simplified, rows, starts)
+    for starts, owners in candidates:
+        first = np.searchsorted(pieces, starts[:-1])
+        work = np.add.reduceat(np.add.reduceat(piece_work, first, axis=0), first, axis=1)
         for owner in owners:
             if strategy == "balanced":
-                owner = _balance(work.sum(axis=1).astype(np.float64), owner, world_size)
+                owner = _balance(work, owner, world_size, work.sum() / world_size * (1 + tolerance))
             plans.append(ShardPlan(spec, strategy, world_size, starts, owner, work))
-    best = min(plan.imbalance for plan in plans)
-    fit = [plan for plan in plans if plan.imbalance <= best + tolerance]
-    return min(fit, key=lambda plan: (max(plan.sent_tokens(r) for r in range(world_size)), plan.n_chunks))
+    good_enough = max(min(plan.imbalance for plan in plans), 1 + tolerance)
+    return min((plan for plan in plans if plan.imbalance <= good_enough),
+               key=lambda plan: (max(plan.sent_tokens(r) for r in range(world_size)), plan.n_chunks, plan.imbalance))
 
 
 @dataclass(frozen=True)
@@ -393,7 +435,7 @@ class Shard(Pass):
     provides: tuple = ("shard_plan",)
     max_chunks_per_rank: int = 16
     min_chunk: int = 128
-    tolerance: float = 0.01
+    tolerance: float = 0.02
 
     def run(self, state):
         return {"shard_plan": plan_shards(
@@ -403,19 +445,21 @@ class Shard(Pass):
 
 
 def shard_plan(spec: Spec, world_size: int, strategy: str = "balanced", *, max_chunks_per_rank: int = 16,
-               min_chunk: int = 128, tolerance: float = 0.01, debug=None) -> ShardPlan:
+               min_chunk: int = 128, tolerance: float = 0.02, debug=None) -> ShardPlan:
     """Plan context parallelism of ``spec`` over ``world_size`` ranks.
 
     ``strategy`` is ``contiguous``, ``zigzag`` or ``balanced``. For ``balanced``,
     ranks own up to ``max_chunks_per_rank`` chunks of at least ``min_chunk``
-    tokens, and among the layouts whose busiest/mean work is within
-    ``tolerance`` of the best one found, the one sending the fewest K/V tokens
-    is chosen. Raises ``ValueError`` for a sequence the strategy cannot split.
+    tokens; of the layouts whose busiest rank works at most ``1 + tolerance``
+    times the mean (or as little as the best layout found), the one whose
+    busiest sender sends the fewest K/V tokens is chosen. Raises ``ValueError``
+    for a sequence the strategy cannot split and for bad arguments.
     """
     _check(spec, world_size, strategy)
-    from .lower import Lower
-    from .simplify import Simplify
-
+    for name, value, least in (("max_chunks_per_rank", max_chunks_per_rank, 1), ("min_chunk", min_chunk, 1),
+                               ("tolerance", tolerance, 0)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name}={value!r} must be a number >= {least}")
     passes = (Simplify(), Lower(), Shard(max_chunks_per_rank=max_chunks_per_rank, min_chunk=min_chunk,
                                          tolerance=tolerance))
     state = run_pipeline(passes, {"spec": spec, "world_size": int(world_size), "strategy": strategy}, debug=debug)
