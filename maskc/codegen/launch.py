@@ -11,6 +11,8 @@ from .reference import reference_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("reference", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
 
 
 def check_inputs(cm, q, k, v, scale) -> None:
@@ -47,6 +49,29 @@ def check_inputs(cm, q, k, v, scale) -> None:
         raise TypeError(f"scale must be a finite number or None, got {scale!r}")
 
 
+def check_triton_inputs(cm, q, k, v) -> None:
+    """What the Triton kernels support beyond ``check_inputs``; raised before any launch."""
+    from .predicate import MAX_POSITIONS
+    from .triton_attention import interpreting
+
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"q.dtype={q.dtype} is not supported by backend='triton'; use one of {TRITON_DTYPES} "
+                        "or backend='reference'")
+    for name, x in (("q", q), ("v", v)):
+        if x.shape[3] > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{name} has head_dim={x.shape[3]}; backend='triton' supports head dims up to "
+                             f"{TRITON_MAX_HEAD_DIM} (others are padded up to a power of two >= 16)")
+    if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
+        raise ValueError(f"q.device={q.device}: backend='triton' runs on CUDA tensors, or on CPU tensors when "
+                         "TRITON_INTERPRET=1 was set before maskc's kernels were imported")
+    if any(b % 16 for b in cm.block_size):
+        raise ValueError(f"the mask was compiled with block_size={cm.block_size}; backend='triton' needs "
+                         "multiples of 16 (kernel tiles are powers of two >= 16 dividing them)")
+    if cm.q_len + cm.kv_len >= MAX_POSITIONS:
+        raise ValueError(f"q_len + kv_len = {cm.q_len + cm.kv_len}: backend='triton' supports fewer than "
+                         f"{MAX_POSITIONS} positions")
+
+
 def heads_of_slot(cm, n_heads: int) -> dict:
     """Table slot -> the query heads it masks (a slice when one slot serves all)."""
     slots = cm.table.head_slot.tolist()
@@ -64,6 +89,7 @@ def attention(cm, q, k, v, scale: Optional[float] = None, return_lse: bool = Fal
         raise ValueError(f"{backend=} must be one of {BACKENDS} or None")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "triton" or (backend is None and q.is_cuda):
+        check_triton_inputs(cm, q, k, v)
         from .triton_attention import triton_attention
 
         out, lse = triton_attention(cm, q, k, v, scale)

@@ -36,7 +36,7 @@ from ..ir import nodes as ir
 #: Largest ``q_len + kv_len`` the generated int32 index arithmetic supports.
 MAX_POSITIONS = 1 << 30
 
-PATTERN_BODY = ["allowed = tl.load(patterns + pattern.to(tl.int64) * (BQ * BK) + (i % BQ) * BK + (j % BK)) != 0"]
+PATTERN_BODY = ("allowed = tl.load(patterns + pattern.to(tl.int64) * (BQ * BK) + (i % BQ) * BK + (j % BK)) != 0",)
 
 
 def _once(make: Callable):
@@ -266,7 +266,7 @@ def mask_code(cm) -> MaskCode:
     data_base = 0
     for mask, block_map in zip(cm.slot_masks, cm.block_maps):
         if block_map.patterns is not None:
-            code = SlotCode(tuple(PATTERN_BODY), (), ())
+            code = SlotCode(PATTERN_BODY, (), ())
         else:
             code = slot_code(mask, cm.q_len, cm.kv_len, data_base)
         data_base += sum(len(d) for d in code.data)

@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""maskc's Triton kernels against FlexAttention and SDPA on one GPU (issue 3).
+
+    python bench/gpu_bench.py                  # everything; writes the section of bench/RESULTS.md
+    python bench/gpu_bench.py --sizes 8192 --no-write
+    python bench/gpu_bench.py --tune           # tile configs of the three kernels on causal 32K
+
+Per mask and size (batch 1, 16 heads, head dim 128, bf16): forward and backward
+TFLOP/s of maskc and of ``torch.compile(flex_attention)`` on the same mask, and
+of SDPA's flash and cuDNN backends on causal. FLOPs are useful FLOPs: 4 x head
+dim per allowed pair forward (``CompiledMask.allowed_pairs()`` counts them
+exactly, and FlexAttention is credited with the same count), 2.5 times that
+backward. Errors are the largest absolute difference from a float32 reference:
+forward on sampled rows at every size, forward and backward on the whole
+problem at the smallest size. Then the 4 x 4 ring tiles of a 128K
+document-causal mask, the mask build times of both tools, and a loop of 20
+training steps with new document lengths each step. The short table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import maskc  # noqa: E402 - after the path setup, to bench this checkout
+from maskc.codegen import triton_attention, tuning  # noqa: E402
+
+HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
+WINDOW, CHUNK, PREFIX = 1024, 8192, 2048
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## GPU kernels (issue 3)"
+
+torch._dynamo.config.cache_size_limit = 256
+torch._dynamo.config.accumulated_cache_size_limit = 4096
+torch._functorch.config.donated_buffer = False  # the timing loops replay one backward graph
+flex = torch.compile(flex_attention, dynamic=False)
+
+
+# -- masks, in both tools' words ------------------------------------------------------------
+def document_lengths(total: int, rng: np.random.Generator) -> list[int]:
+    """Packed documents of 512 to 4096 tokens filling ``total`` (the last one cut)."""
+    lengths, used = [], 0
+    while used < total:
+        n = min(int(rng.integers(512, 4097)), total - used)
+        lengths.append(n)
+        used += n
+    return lengths
+
+
+def document_ids(lengths) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE))
+
+
+def masks(length: int, rng: np.random.Generator) -> dict:
+    """name -> (maskc mask, flex mask_mod) for ``length`` tokens."""
+    lengths = document_lengths(length, rng)
+    doc = document_ids(lengths)
+    return {
+        "causal": (maskc.Causal(), lambda b, h, q, kv: q >= kv),
+        "doc-causal": (maskc.Documents(lengths=lengths) & maskc.Causal(),
+                       lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)),
+        "window-1024": (maskc.SlidingWindow(left=WINDOW), lambda b, h, q, kv: (q >= kv) & (q - kv <= WINDOW)),
+        "prefix-lm": (maskc.Prefix(length=PREFIX) | maskc.Causal(), lambda b, h, q, kv: (kv < PREFIX) | (q >= kv)),
+        "chunked-8K": (maskc.Chunked(size=CHUNK) & maskc.Causal(),
+                       lambda b, h, q, kv: (q // CHUNK == kv // CHUNK) & (q >= kv)),
+    }
+
+
+def block_mask(mask_mod, q_len: int, kv_len: int):
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=DEVICE, BLOCK_SIZE=128, _compile=True)
+
+
+# -- measuring --------------------------------------------------------------------------------
+def inputs(q_len: int, kv_len: int, seed: int = 0):
+    torch.manual_seed(seed)
+    q = torch.randn(1, HEADS, q_len, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    k = torch.randn(1, HEADS, kv_len, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    v = torch.randn(1, HEADS, kv_len, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    return q, k, v
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def time_fwd_bwd(attend, q, k, v) -> tuple[float, float]:
+    """Median forward and backward milliseconds of ``attend(q, k, v) -> out``."""
+    fwd = ms(lambda: attend(q, k, v))
+    out = attend(q, k, v)
+    grad = torch.randn_like(out)
+    bwd = ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
+    return fwd, bwd
+
+
+def tflops(pairs: int, millis: float, factor: float = 1.0) -> float:
+    return factor * 4 * HEAD_DIM * pairs * HEADS / (millis * 1e-3) / 1e12
+
+
+def sample_rows(q_len: int, rng: np.random.Generator, n: int = 48) -> np.ndarray:
+    return np.unique(np.concatenate([[0, q_len - 1], rng.integers(0, q_len, n)]))
+
+
+def rows_reference(spec: maskc.Spec, rows: np.ndarray, q, k, v) -> torch.Tensor:
+    """float32 attention of query ``rows`` under the spec's own definition of the mask."""
+    allowed = spec.mask.allowed(rows[:, None], np.arange(spec.kv_len)[None, :], spec.q_len, spec.kv_len)
+    allowed = torch.from_numpy(np.ascontiguousarray(allowed)).to(DEVICE)
+    s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+    p = torch.softmax(s.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
+    return p @ v.float()
+
+
+def full_reference(spec: maskc.Spec, q, k, v):
+    """float32 attention of the whole problem with autograd (small sizes only)."""
+    cm = maskc.compile(spec)
+    allowed = cm.dense().to(DEVICE)
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    s = (qf @ kf.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+    p = torch.softmax(s.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
+    return p @ vf, (qf, kf, vf)
+
+
+def max_error(got, want) -> float:
+    return (got.float() - want.float()).abs().max().item()
+
+
+# -- sections -------------------------------------------------------------------------------------
+def correctness(rows: list) -> None:
+    """Small problems of every dtype, head dim and head layout against float32 / float64 references."""
+    cases = [
+        ("causal bf16 hd128", maskc.Causal(), 1000, 1000, torch.bfloat16, 128, 16, 16),
+        ("doc-causal fp16 hd64 GQA", maskc.Documents(lengths=[300, 511, 200]) & maskc.Causal(), 1011, 1011,
+         torch.float16, 64, 8, 2),
+        ("window bf16 hd256 MQA", maskc.SlidingWindow(left=100, align="bottom_right"), 700, 900, torch.bfloat16,
+         256, 4, 1),
+        ("chunk or prefix fp32 hd80", maskc.Chunked(size=256) | maskc.Prefix(length=30), 640, 640, torch.float32,
+         80, 4, 4),
+        ("dense bf16 hd128", maskc.Dense(values=np.random.default_rng(1).random((384, 512)) < 0.2), 384, 512,
+         torch.bfloat16, 128, 4, 4),
+        ("ring tile bf16 hd128", maskc.Documents(lengths=[0, 300, 212], kv_lengths=[400, 112, 0]), 512, 512,
+         torch.bfloat16, 128, 4, 4),
+    ]
+    for case in cases:
+        try:
+            rows.append(check_case(*case))
+        except Exception as error:  # a failing case is reported in the table, the others still run
+            print(f"{case[0]}: {type(error).__name__}: {error}", flush=True)
+            rows.append((case[0], *[float("nan")] * 5, f"failed: {type(error).__name__}"))
+
+
+def check_case(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> tuple:
+    """Output, LSE and gradient errors of one small problem against the float64 reference op."""
+    spec = maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask)
+    cm = maskc.compile(spec)
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, q_len, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, kv_heads, kv_len, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, kv_heads, kv_len, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    out, lse = cm(q, k, v, return_lse=True)
+    d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+    finite = torch.isfinite(lse)
+    loss = (out.float() * d_out).sum() + torch.where(finite, lse * d_lse, 0).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    wide = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = cm(*wide, return_lse=True, backend="reference")
+    ref_loss = (ref_out * d_out.double()).sum() + torch.where(finite, ref_lse * d_lse.double(), 0).sum()
+    ref_grads = torch.autograd.grad(ref_loss, wide)
+    errors = [max_error(out, ref_out), max_error(torch.where(finite, lse, 0), torch.where(finite, ref_lse, 0))]
+    errors += [max_error(g, r) / r.abs().max().item() for g, r in zip(grads, ref_grads)]
+    nan = any(t.isnan().any().item() for t in (out, lse, *grads))
+    return (name, *errors, nan)
+
+
+def tune(report: list) -> None:
+    """Compile times, then median TFLOP/s of each kernel's ``tuning.CANDIDATES`` on causal 32K."""
+    length = 32768
+    cm = maskc.compile(maskc.Spec(q_len=length, kv_len=length, mask=maskc.Causal()))
+    pairs = cm.allowed_pairs()
+    q, k, v = inputs(length, length)
+    bm = block_mask(lambda b, h, qi, kj: qi >= kj, length, length)
+    for tool, attend in (("maskc", cm), ("flex", lambda q, k, v: flex(q, k, v, block_mask=bm))):
+        t0 = time.perf_counter()
+        out = attend(q, k, v)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        torch.cuda.synchronize()
+        fwd, bwd = time_fwd_bwd(attend, q, k, v)
+        report.append((tool, f"first call {time.perf_counter() - t0:.1f} s", tflops(pairs, fwd),
+                       tflops(pairs, bwd, 2.5), ""))
+    for kernel in tuning.KERNELS:
+        default = tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)]
+        for config in dict.fromkeys([default] + tuning.CANDIDATES[kernel]):
+            tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = config
+            try:
+                if kernel == "forward":
+                    speed = tflops(pairs, ms(lambda: cm(q, k, v)))
+                else:
+                    out = cm(q, k, v)
+                    grad = torch.randn_like(out)
+                    speed = tflops(pairs, ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)),
+                                   2.5)
+            except triton.runtime.errors.OutOfResources as error:
+                report.append((kernel, config, float("nan"), float("nan"), str(error)[:60]))
+                continue
+            report.append((kernel, config, speed if kernel == "forward" else float("nan"),
+                           speed if kernel != "forward" else float("nan"), ""))
+        tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = default
+
+
+def main_table(sizes, rows: list, errors: list) -> None:
+    rng = np.random.default_rng(0)
+    for length in sizes:
+        q, k, v = inputs(length, length)
+        sample = sample_rows(length, rng)
+        for name, (mask, mask_mod) in masks(length, rng).items():
+            spec = maskc.Spec(q_len=length, kv_len=length, mask=mask)
+            cm = maskc.compile(spec)
+            bm = block_mask(mask_mod, length, length)
+            pairs = cm.allowed_pairs()
+            mc = time_fwd_bwd(cm, q, k, v)
+            fx = time_fwd_bwd(lambda q, k, v: flex(q, k, v, block_mask=bm), q, k, v)
+            rows.append((name, length, "maskc", tflops(pairs, mc[0]), tflops(pairs, mc[1], 2.5), mc))
+            rows.append((name, length, "flex", tflops(pairs, fx[0]), tflops(pairs, fx[1], 2.5), fx))
+            with torch.no_grad():
+                want = rows_reference(spec, sample, q, k, v)
+                err_mc = max_error(cm(q, k, v)[:, :, sample], want)
+                err_fx = max_error(flex(q, k, v, block_mask=bm)[:, :, sample], want)
+            errors.append((name, length, "fwd rows", err_mc, err_fx))
+            if length == min(sizes):
+                errors.append((name, length, "fwd+bwd all", *whole_errors(spec, cm, bm, q, k, v)))
+            if name == "causal":
+                for backend, label in ((SDPBackend.FLASH_ATTENTION, "sdpa-flash"), (SDPBackend.CUDNN_ATTENTION,
+                                                                                     "sdpa-cudnn")):
+                    with sdpa_kernel(backend):
+                        t = time_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                         q, k, v)
+                    rows.append((name, length, label, tflops(pairs, t[0]), tflops(pairs, t[1], 2.5), t))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def whole_errors(spec, cm, bm, q, k, v) -> tuple[float, float]:
+    """Largest error of output and gradients (relative to the largest reference value) of both tools."""
+    want, wide = full_reference(spec, q, k, v)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, wide, grad)
+    out = []
+    for attend in (cm, lambda q, k, v: flex(q, k, v, block_mask=bm)):
+        got = attend(q, k, v)
+        grads = torch.autograd.grad(got, (q, k, v), grad.to(got.dtype))
+        out.append(max([max_error(got, want)] + [max_error(g, w) / w.abs().max().item()
+                                                  for g, w in zip(grads, want_grads)]))
+    return tuple(out)
+
+
+def ring(rows: list, length: int = 131072, parts: int = 4) -> None:
+    """The 4 x 4 tiles of a document-causal mask: per tile kind, both tools' time and useful TFLOP/s."""
+    rng = np.random.default_rng(1)
+    lengths = document_lengths(length, rng)
+    doc = document_ids(lengths)
+    spec = maskc.Spec(q_len=length, kv_len=length, mask=maskc.Documents(lengths=lengths) & maskc.Causal())
+    tiles = maskc.partition(spec, parts, parts)
+    size = length // parts
+    q, k, v = inputs(size, size)
+    offsets = torch.zeros(2, dtype=torch.int64, device=DEVICE)  # tile origin, a tensor so flex compiles once
+
+    def mask_mod(b, h, qi, kj):
+        i, j = qi + offsets[0], kj + offsets[1]
+        return (doc[i] == doc[j]) & (i >= j)
+
+    totals = {"maskc": [0.0, 0.0], "flex": [0.0, 0.0]}
+    empty = {"maskc": [], "flex": []}
+    total_pairs = 0
+    for a in range(parts):
+        for b in range(parts):
+            cm = maskc.compile(tiles[a][b])
+            offsets.copy_(torch.tensor([a * size, b * size]))
+            bm = block_mask(mask_mod, size, size)
+            pairs = cm.allowed_pairs()
+            total_pairs += pairs
+            mc = time_fwd_bwd(cm, q, k, v)
+            fx = time_fwd_bwd(lambda q, k, v: flex(q, k, v, block_mask=bm), q, k, v)
+            for tool, t in (("maskc", mc), ("flex", fx)):
+                if pairs == 0:
+                    empty[tool].append(t[0])
+                totals[tool][0] += t[0]
+                totals[tool][1] += t[1]
+    for tool in ("maskc", "flex"):
+        fwd, bwd = totals[tool]
+        rows.append(("ring 4x4 (all 16 tiles)", length, tool, tflops(total_pairs, fwd), tflops(total_pairs, bwd, 2.5),
+                     (fwd, bwd)))
+        rows.append(("ring: one empty tile, fwd ms", length, tool, float("nan"), float("nan"),
+                     (float(np.mean(empty[tool])) if empty[tool] else float("nan"), float("nan"))))
+
+
+def build_times(report: list, length: int = 131072, steps: int = 20) -> None:
+    """Mask build time of both tools, and a training loop with new document lengths every step."""
+    rng = np.random.default_rng(2)
+    for name, (mask, mask_mod) in masks(length, rng).items():
+        spec = maskc.Spec(q_len=length, kv_len=length, mask=mask)
+        maskc.compile(spec)
+        block_mask(mask_mod, length, length)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        maskc.compile(spec)
+        t1 = time.perf_counter()
+        block_mask(mask_mod, length, length)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        report.append((f"build {name}", length, 1e3 * (t1 - t0), 1e3 * (t2 - t1), ""))
+
+    q, k, v = inputs(length, length)
+    doc = [document_ids(document_lengths(length, rng))]  # replaced every step; flex's mask_mod reads it
+
+    def mask_mod(b, h, qi, kj):
+        return (doc[0][qi] == doc[0][kj]) & (qi >= kj)
+
+    for tool in ("maskc", "flex"):
+        build, step, first = [], [], None
+        kernels_before = len(triton_attention._predicates)
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for n in range(steps):
+            lengths = document_lengths(length, rng)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if tool == "maskc":
+                op = maskc.compile(maskc.Spec(q_len=length, kv_len=length,
+                                              mask=maskc.Documents(lengths=lengths) & maskc.Causal()))
+            else:
+                doc[0] = document_ids(lengths)
+                bm = block_mask(mask_mod, length, length)
+                op = lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm)  # noqa: E731
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            out = op(q, k, v)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            build.append(t1 - t0)
+            step.append(t2 - t1)
+            first = first if first is not None else t2 - t0
+        recompiled = (len(triton_attention._predicates) - kernels_before if tool == "maskc"
+                      else torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
+        report.append((f"{steps} steps, new docs ({tool})", length, 1e3 * float(np.median(build)),
+                       1e3 * float(np.median(step)), f"first step {1e3 * first:.0f} ms, new kernels/graphs "
+                                                     f"{recompiled}"))
+
+
+# -- report -----------------------------------------------------------------------------------------
+def machine() -> str:
+    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"CUDA {torch.version.cuda}, {platform.node() or 'unknown host'}")
+
+
+def tables(rows, errors, builds, checks) -> str:
+    out = ["Forward / backward useful TFLOP/s (median ms in brackets); ratio = maskc / flex in this run.", "",
+           "| mask | tokens | tool | fwd TFLOP/s | bwd TFLOP/s | fwd ratio | bwd ratio |",
+           "|---|---|---|---|---|---|---|"]
+    flex_of = {(r[0], r[1]): r for r in rows if r[2] == "flex"}
+    for name, length, tool, fwd, bwd, (fwd_ms, bwd_ms) in rows:
+        ratio = ("", "")
+        if tool == "maskc" and (name, length) in flex_of and not math.isnan(fwd):
+            ratio = (f"{fwd / flex_of[name, length][3]:.2f}x", f"{bwd / flex_of[name, length][4]:.2f}x")
+        out.append(f"| {name} | {length // 1024}K | {tool} | {fwd:.0f} ({fwd_ms:.3f}) | {bwd:.0f} ({bwd_ms:.3f}) | "
+                   f"{ratio[0]} | {ratio[1]} |")
+    out += ["", "Largest absolute error against float32 (gradients: relative to the largest reference value).", "",
+            "| mask | tokens | what | maskc | flex |", "|---|---|---|---|---|"]
+    out += [f"| {n} | {length // 1024}K | {what} | {a:.2e} | {b:.2e} |" for n, length, what, a, b in errors]
+    out += ["", "Mask build (ms, median) and training steps with new document lengths.", "",
+            "| what | tokens | maskc build / step ms | flex build / step ms | note |", "|---|---|---|---|---|"]
+    out += [f"| {n} | {length // 1024}K | {a:.1f} | {b:.1f} | {note} |" for n, length, a, b, note in builds]
+    if checks:
+        out += ["", "Small problems against the float64 reference op (gradients relative).", "",
+                "| case | out | lse | dq | dk | dv | NaN |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {c[0]} | " + " | ".join(f"{x:.1e}" for x in c[1:6]) + f" | {c[6]} |" for c in checks]
+    return "\n".join(out)
+
+
+def write_results(text: str, command: str) -> None:
+    header = "# Benchmark results\n"
+    old = RESULTS.read_text() if RESULTS.exists() else header
+    section = (f"{SECTION}\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}  \n"
+               f"Machine: {machine()}  \nBatch 1, {HEADS} heads, head dim {HEAD_DIM}, bf16. maskc tables built for "
+               f"blocks of 128; kernel tiles per `maskc/codegen/tuning.py`.\n\n{text}\n")
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + section
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + section + (old[end + 1:] if end >= 0 else "")
+    RESULTS.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--tune", action="store_true", help="time the tile configs of tuning.CANDIDATES")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "table", "ring", "build"])
+    args = parser.parse_args()
+    print(machine(), flush=True)
+    if args.tune:
+        checks, report = [], []
+        correctness(checks)
+        print(tables([], [], [], checks), flush=True)
+        tune(report)
+        for kernel, config, fwd, bwd, note in report:
+            print(f"{kernel:6s} {config} fwd {fwd:6.1f} bwd {bwd:6.1f} {note}", flush=True)
+        return
+    checks, rows, errors, builds = [], [], [], []
+    stages = [("checks", lambda: correctness(checks)), ("table", lambda: main_table(args.sizes, rows, errors)),
+              ("ring", lambda: ring(rows)), ("build", lambda: build_times(builds))]
+    for name, run in stages:
+        if name not in args.skip:
+            t0 = time.perf_counter()
+            run()
+            print(f"[{name} done in {time.perf_counter() - t0:.0f} s]", flush=True)
+    text = tables(rows, errors, builds, checks)
+    if not args.no_write:
+        write_results(text, "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

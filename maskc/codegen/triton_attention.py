@@ -1,0 +1,685 @@
+"""Triton attention kernels specialised on a compiled mask, forward and backward.
+
+The kernels walk the block-sparse index tables (``passes/tables.py``): per
+table block, runs of FULL tiles and runs of PARTIAL tiles. Each run is cut
+into kernel steps of ``BLOCK_N`` keys (``BLOCK_M`` queries for dK/dV) that
+never straddle a table block (``tuning.py`` says how tiles fit table blocks),
+and each step is one of three kinds, a ``tl.constexpr``:
+
+* ``STEP_FULL``: every pair allowed and in range; no mask code, unchecked loads;
+* ``STEP_BOUNDED``: the last step of a FULL run that reaches past the end of
+  the keys (queries); only the bounds are checked;
+* ``STEP_PARTIAL``: a PARTIAL tile; the generated predicate
+  (``predicate.py``, passed to the kernels as a ``tl.constexpr`` function)
+  decides each pair.
+
+EMPTY tiles are in no run and never visited.
+
+Grids. Forward and dQ: ``(batch * q_heads, programs)`` where program ``t``
+owns ``BLOCK_M`` rows of query block ``order[slot, t // (BQ // BLOCK_M)]``:
+only query blocks with work get a program, heaviest first (the second grid
+axis is the slow one, so the heavy blocks of every head start first). Rows of
+blocks with no work are filled with 0 (LSE ``-inf``) before the launch, and a
+mask with no allowed pair launches nothing. dK/dV: ``(batch * kv_heads,
+programs)``, one program per ``BLOCK_N`` keys of the key blocks with work,
+heaviest first; it loops over the query heads sharing its key head (GQA/MQA),
+so dK/dV need no atomics, and keys nobody attends get 0.
+
+Numbers: scores are kept in base 2 (``qk_scale = scale * log2(e)``), the
+stored LSE is natural. The backward pass first computes, per query row,
+``delta = rowsum(dO * O) - dLSE`` (``d lse_i / d s_ij = P_ij``) and the LSE in
+base 2 with ``-inf`` (empty rows) turned into ``+inf`` so that their ``P`` is 0.
+
+The op is registered with ``torch.library`` (``maskc::attention`` and its
+backward) with fake implementations, so it runs under ``torch.compile``
+without a graph break. The compiled mask travels to the op as an integer
+handle; its tables and mask arguments are device tensors built once per mask
+and device (``Plan``).
+
+Kernels are specialised on the mask's structure: the generated predicate's
+text, the tile config and the dtypes. Sequence lengths are not specialised
+(``do_not_specialize``) and every mask number or per-token table is a tensor,
+so new document lengths reuse the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import linecache
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from . import tuning
+from .predicate import FUNCTION_NAME, mask_code
+
+STEP_FULL = tl.constexpr(0)
+STEP_BOUNDED = tl.constexpr(1)
+STEP_PARTIAL = tl.constexpr(2)
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
+
+
+# -- helpers ------------------------------------------------------------------------
+@triton.jit
+def _load_tile(base, rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """``base[rows, :N_COLS]`` as ``[len(rows), BLOCK_COLS]``, zero past the ends."""
+    cols = tl.arange(0, BLOCK_COLS)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+    elif BLOCK_COLS != N_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store_tile(base, value, rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr,
+                BLOCK_COLS: tl.constexpr):
+    cols = tl.arange(0, BLOCK_COLS)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+
+
+@triton.jit
+def _run_span(runs, r, TABLE_BLOCK: tl.constexpr, length, STEP: tl.constexpr):
+    """Positions ``[lo, hi)`` of run ``r`` (table blocks of ``TABLE_BLOCK``) clipped to
+    ``length``, and ``even``: the end of the steps of ``STEP`` that lie wholly inside."""
+    lo = tl.load(runs + 2 * r) * TABLE_BLOCK
+    hi = tl.minimum(tl.load(runs + 2 * r + 1) * TABLE_BLOCK, length)
+    return lo, lo + (hi - lo) // STEP * STEP, hi
+
+
+@triton.jit
+def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, BQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """This program's slot, table query block (-1: no work) and first row."""
+    SUBS: tl.constexpr = BQ // BLOCK_M
+    slot = tl.load(head_slot + head % n_mask_heads)
+    task = tl.program_id(1)
+    active = task // SUBS < tl.load(n_active + slot)
+    qb = tl.load(order + slot * n_q_blocks + task // SUBS, mask=active, other=-1)
+    return slot, qb, qb * BQ + (task % SUBS) * BLOCK_M
+
+
+# -- forward ------------------------------------------------------------------------
+@triton.jit
+def _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, pattern,
+               partial_mask: tl.constexpr, MODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over keys ``[lo, hi)``, ``BLOCK_N`` at a time."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, MODE != STEP_FULL)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MODE == STEP_PARTIAL:
+            allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
+                                   patterns, pattern, BQ, BK)
+            s = tl.where(allowed, s, float("-inf"))
+        elif MODE == STEP_BOUNDED:
+            s = tl.where(offs_n[None, :] < kv_len, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MODE == STEP_FULL:
+            m_ref = m_new
+        else:  # a row with nothing allowed so far keeps m = -inf; exponentiate against 0 instead
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MODE != STEP_FULL)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_fwd(Q, K, V, Out, Lse,
+              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+              n_heads, group, q_len, kv_len, qk_scale,
+              head_slot, n_mask_heads, order, n_active, n_q_blocks,
+              full_ptr, full_runs, part_ptr, part_runs, part_pattern, mask_args, args_width, mask_data, patterns,
+              partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
+    tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
+    bh = tl.program_id(0)
+    b, h = bh // n_heads, bh % n_heads
+    slot, qb, start_m = _query_program(h, head_slot, n_mask_heads, order, n_active, n_q_blocks, BQ, BLOCK_M)
+    if (qb < 0) | (start_m >= q_len):
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    kv_head = h // group
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_args += slot * args_width
+    q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, True)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    group_at = slot * (n_q_blocks + 1) + qb
+    for r in range(tl.load(full_ptr + group_at), tl.load(full_ptr + group_at + 1)):
+        lo, even, hi = _run_span(full_runs, r, BK, kv_len, BLOCK_N)
+        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, lo, even, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1,
+                                   partial_mask, STEP_FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                                   PRECISION)
+        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, even, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1,
+                                   partial_mask, STEP_BOUNDED, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                                   PRECISION)
+    for r in range(tl.load(part_ptr + group_at), tl.load(part_ptr + group_at + 1)):
+        lo, even, hi = _run_span(part_runs, r, BK, kv_len, BLOCK_N)
+        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+                                   tl.load(part_pattern + r), partial_mask, STEP_PARTIAL, BQ, BK, BLOCK_N, HEAD_D,
+                                   BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+
+    empty = l_i == 0.0  # rows with no allowed key: output 0, LSE -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    _store_tile(out_base, acc / l_safe[:, None], offs_m, q_len, stride_om, stride_od, HEAD_DV, BLOCK_DV)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(Lse + bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+# -- backward -----------------------------------------------------------------------
+@triton.jit(do_not_specialize=["q_len"])
+def _bwd_prepare(Out, dOut, Lse, dLse, Lse2, Delta,
+                 stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
+                 n_heads, q_len, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per row: ``delta = rowsum(dO * O) - dLSE`` and the LSE in base 2 (``+inf`` for empty rows)."""
+    bh = tl.program_id(0)
+    b, h = bh // n_heads, bh % n_heads
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, q_len, stride_om,
+                   stride_od, HEAD_DV, BLOCK_DV, True)
+    do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
+                    stride_dod, HEAD_DV, BLOCK_DV, True)
+    rows = bh.to(tl.int64) * q_len + offs_m
+    in_range = offs_m < q_len
+    lse = tl.load(Lse + rows, mask=in_range, other=float("-inf"))
+    finite = lse != float("-inf")
+    d_lse = tl.where(finite, tl.load(dLse + rows, mask=in_range, other=0.0), 0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - d_lse
+    tl.store(Delta + rows, delta, mask=in_range)
+    tl.store(Lse2 + rows, tl.where(finite, lse * LOG2E, float("inf")), mask=in_range)
+
+
+@triton.jit
+def _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, pattern,
+              partial_mask: tl.constexpr, MODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """``dQ += dS K`` over keys ``[lo, hi)`` with ``dS = P * (dO V^T - delta)``."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, MODE != STEP_FULL)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MODE != STEP_FULL)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if MODE == STEP_PARTIAL:
+            allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
+                                   patterns, pattern, BQ, BK)
+            p = tl.where(allowed, p, 0.0)
+        elif MODE == STEP_BOUNDED:
+            p = tl.where(offs_n[None, :] < kv_len, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_bwd_dq(Q, K, V, dOut, Lse2, Delta, dQ,
+                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 n_heads, group, q_len, kv_len, qk_scale, scale,
+                 head_slot, n_mask_heads, order, n_active, n_q_blocks,
+                 full_ptr, full_runs, part_ptr, part_runs, part_pattern, mask_args, args_width, mask_data, patterns,
+                 partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
+    tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
+    bh = tl.program_id(0)
+    b, h = bh // n_heads, bh % n_heads
+    slot, qb, start_m = _query_program(h, head_slot, n_mask_heads, order, n_active, n_q_blocks, BQ, BLOCK_M)
+    if (qb < 0) | (start_m >= q_len):
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    kv_head = h // group
+    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_args += slot * args_width
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
+                   stride_qd, HEAD_D, BLOCK_D, True)
+    do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
+                    stride_dod, HEAD_DV, BLOCK_DV, True)
+    rows = bh.to(tl.int64) * q_len + offs_m
+    lse2 = tl.load(Lse2 + rows, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(Delta + rows, mask=offs_m < q_len, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    group_at = slot * (n_q_blocks + 1) + qb
+    for r in range(tl.load(full_ptr + group_at), tl.load(full_ptr + group_at + 1)):
+        lo, even, hi = _run_span(full_runs, r, BK, kv_len, BLOCK_N)
+        dq = _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       lo, even, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1, partial_mask,
+                       STEP_FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        dq = _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       even, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1, partial_mask,
+                       STEP_BOUNDED, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    for r in range(tl.load(part_ptr + group_at), tl.load(part_ptr + group_at + 1)):
+        lo, even, hi = _run_span(part_runs, r, BK, kv_len, BLOCK_N)
+        dq = _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, tl.load(part_pattern + r),
+                       partial_mask, STEP_PARTIAL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq * scale, offs_m, q_len,
+                stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, lse2_base, delta_base, stride_qm, stride_qd,
+                stride_dom, stride_dod, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, pattern,
+                partial_mask: tl.constexpr, MODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """``dV += P^T dO`` and ``dK += dS^T Q`` over queries ``[lo, hi)``, in the transposed
+    orientation (keys down, queries across). Queries past the end load as zero with
+    ``lse2 = +inf``, so their ``P`` is 0 without a mask."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, MODE != STEP_FULL)
+        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, MODE != STEP_FULL)
+        if MODE == STEP_FULL:
+            lse2 = tl.load(lse2_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        else:
+            lse2 = tl.load(lse2_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+        if MODE == STEP_PARTIAL:
+            allowed = partial_mask(offs_m[None, :], offs_n[:, None], q_len, kv_len, mask_args, mask_data,
+                                   patterns, pattern, BQ, BK)
+            p_t = tl.where(allowed, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
+                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   n_heads, n_kv_heads, group, q_len, kv_len, qk_scale, scale,
+                   head_slot, n_mask_heads, kv_order, n_kv_blocks,
+                   full_ptr, full_runs, part_ptr, part_runs, part_pattern, mask_args, args_width, mask_data, patterns,
+                   partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
+    tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
+    SUBS: tl.constexpr = BK // BLOCK_N
+    bh = tl.program_id(0)
+    b, kv_head = bh // n_kv_heads, bh % n_kv_heads
+    task = tl.program_id(1)
+    kb = tl.load(kv_order + task // SUBS)
+    start_n = kb * BK + (task % SUBS) * BLOCK_N
+    if start_n >= kv_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, offs_n, kv_len, stride_kn,
+                   stride_kd, HEAD_D, BLOCK_D, True)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, offs_n, kv_len, stride_vn,
+                   stride_vd, HEAD_DV, BLOCK_DV, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(group):  # the query heads that share this key head
+        h = kv_head * group + g
+        slot = tl.load(head_slot + h % n_mask_heads)
+        slot_args = mask_args + slot * args_width
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row_base = (b * n_heads + h).to(tl.int64) * q_len
+        group_at = slot * (n_kv_blocks + 1) + kb
+        for r in range(tl.load(full_ptr + group_at), tl.load(full_ptr + group_at + 1)):
+            lo, even, hi = _run_span(full_runs, r, BQ, q_len, BLOCK_M)
+            dk, dv = _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, lo, even, q_len, kv_len, qk_scale,
+                                 slot_args, mask_data, patterns, -1, partial_mask, STEP_FULL, BQ, BK, BLOCK_M,
+                                 HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+            dk, dv = _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, even, hi, q_len, kv_len, qk_scale,
+                                 slot_args, mask_data, patterns, -1, partial_mask, STEP_BOUNDED, BQ, BK, BLOCK_M,
+                                 HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        for r in range(tl.load(part_ptr + group_at), tl.load(part_ptr + group_at + 1)):
+            lo, even, hi = _run_span(part_runs, r, BQ, q_len, BLOCK_M)
+            dk, dv = _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, lo, hi, q_len, kv_len, qk_scale,
+                                 slot_args, mask_data, patterns, tl.load(part_pattern + r), partial_mask,
+                                 STEP_PARTIAL, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    _store_tile(dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, dk * scale, offs_n, kv_len,
+                stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
+    _store_tile(dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, dv, offs_n, kv_len,
+                stride_dvn, stride_dvd, HEAD_DV, BLOCK_DV)
+
+
+# -- host side: per-mask plan -------------------------------------------------------------
+_INTERPRETED = isinstance(_attn_fwd, InterpretedFunction)
+
+
+def interpreting() -> bool:
+    """True when these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETED
+
+
+_predicates: dict[str, Callable] = {}
+
+
+def _predicate(source: str):
+    """The ``@triton.jit`` predicate for ``source``, compiled once per distinct text (structure)."""
+    if source not in _predicates:
+        digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+        filename = f"maskc_generated/{FUNCTION_NAME}_{digest}.py"
+        # Triton reads a function's source through inspect/linecache
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        namespace = {"triton": triton, "tl": tl, "__name__": f"maskc_generated_{digest}"}
+        exec(compile(source, filename, "exec"), namespace)  # the text comes from predicate.py, not from user input
+        python_fn = namespace[FUNCTION_NAME].fn  # run it the way the kernels that call it run
+        _predicates[source] = InterpretedFunction(python_fn) if interpreting() else JITFunction(python_fn)
+    return _predicates[source]
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or one zero of its dtype where it is empty (a kernel pointer needs storage)."""
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the launches of one compiled mask on one device need, built once."""
+
+    source: str
+    head_slot: torch.Tensor  # int32[H_mask]
+    forward: dict  # forward IndexTable fields, on the device
+    backward: dict  # backward IndexTable fields
+    n_active_q: torch.Tensor  # int32[S]: query blocks with work, per slot
+    max_active_q: int
+    queries_covered: bool  # every query block of every slot has work: outputs need no zero fill
+    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), heaviest first
+    keys_covered: bool
+    mask_args: torch.Tensor  # int32[S, A]
+    mask_data: torch.Tensor  # int32[N]
+    patterns: torch.Tensor  # uint8[P, BQ, BK]
+
+    @property
+    def predicate(self):
+        return _predicate(self.source)
+
+
+def _build_plan(cm, device: torch.device) -> Plan:
+    code = mask_code(cm)
+    table = cm.table
+    fwd_work = table.forward.work.numpy()
+    n_active_q = (fwd_work > 0).sum(axis=1)
+    kv_work = table.backward.work.numpy().sum(axis=0)
+    kv_order = np.argsort(-kv_work, kind="stable")[: int((kv_work > 0).sum())]
+
+    def on_device(index_table) -> dict:
+        return {name: _nonempty(getattr(index_table, name).contiguous().to(device))
+                for name in ("full_ptr", "full_runs", "part_ptr", "part_runs", "part_pattern", "order")}
+
+    return Plan(
+        source=code.source,
+        head_slot=table.head_slot.to(device),
+        forward=on_device(table.forward),
+        backward=on_device(table.backward),
+        n_active_q=torch.from_numpy(n_active_q.astype(np.int32)).to(device),
+        max_active_q=int(n_active_q.max(initial=0)),
+        queries_covered=bool((n_active_q == cm.n_q_blocks).all()),
+        kv_order=_nonempty(torch.from_numpy(kv_order.astype(np.int32)).to(device)),
+        keys_covered=len(kv_order) == cm.n_kv_blocks,
+        mask_args=torch.from_numpy(code.args).to(device),
+        mask_data=torch.from_numpy(code.data).to(device),
+        patterns=_nonempty(table.patterns.to(torch.uint8).contiguous().to(device)),
+    )
+
+
+_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def plan_for(cm, device: torch.device) -> Plan:
+    per_device = _plans.setdefault(cm, {})
+    if device not in per_device:
+        per_device[device] = _build_plan(cm, device)
+    return per_device[device]
+
+
+def kernel_source(cm) -> str:
+    """The generated Triton code of ``cm``: its PARTIAL-tile predicate, with where it runs."""
+    header = (
+        f"# maskc: generated predicate for {cm!r}\n"
+        "# called on PARTIAL tiles by _attn_fwd, _attn_bwd_dq and _attn_bwd_dkdv\n"
+        "# (maskc/codegen/triton_attention.py); FULL tiles run without it, EMPTY tiles never run.\n"
+        "import triton\nimport triton.language as tl\n\n\n"
+    )
+    return header + mask_code(cm).source
+
+
+# -- launches -------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only applies to float32 operands
+
+
+_fitted: dict[tuple, tuning.TileConfig] = {}
+
+
+def _run(kernel: str, cm, plan: Plan, q, v, launch: Callable[[tuning.TileConfig], None]) -> None:
+    """``launch`` with the kernel's tile config, or the next smaller one while the GPU lacks the
+    shared memory it needs (masks with bit patterns pipeline one more tile); the config that
+    fits is remembered per kernel, device, dtype, head dims, table blocks and mask structure."""
+    bq, bk = cm.block_size
+    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source)
+    if key in _fitted:
+        launch(_fitted[key])
+        return
+
+    def bench(config: tuning.TileConfig) -> float:
+        return triton.testing.do_bench(lambda: launch(config), warmup=5, rep=25)
+
+    config = tuning.config_for(kernel, q.device, q.dtype, q.shape[-1], bq, bk, bench=bench)
+    while True:
+        try:
+            launch(config)
+        except OutOfResources:  # raised before the kernel runs: nothing was written
+            config = tuning.smaller(config)
+            if config is None:
+                raise
+            continue
+        _fitted[key] = config
+        return
+
+
+def _output(shape, dtype, device, covered: bool, fill: float = 0.0) -> torch.Tensor:
+    """A kernel output; pre-filled (0, or -inf for the LSE) where the programs do not cover
+    every row: blocks with no work get no program."""
+    if covered:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _shared(cm, plan: Plan, q, v) -> dict:
+    """Constexpr and table arguments common to the three attention kernels."""
+    bq, bk = cm.block_size
+    return dict(
+        partial_mask=plan.predicate, BQ=bq, BK=bk, HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]),
+        HEAD_DV=v.shape[-1], BLOCK_DV=tuning.head_bucket(v.shape[-1]), PRECISION=_precision(q.dtype),
+    )
+
+
+def _forward(cm, q, k, v, scale: float):
+    plan = plan_for(cm, q.device)
+    batch, n_heads, q_len, _ = q.shape
+    out = _output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device, plan.queries_covered)
+    lse = _output(q.shape[:-1], torch.float32, q.device, plan.queries_covered, fill=-math.inf)
+    if plan.max_active_q == 0:
+        return out, lse
+    table = plan.forward
+
+    def launch(config: tuning.TileConfig) -> None:
+        grid = (batch * n_heads, plan.max_active_q * (cm.block_size[0] // config.block_m))
+        _attn_fwd[grid](
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            n_heads, n_heads // k.shape[1], q_len, cm.kv_len, scale * LOG2E.value,
+            plan.head_slot, len(plan.head_slot), table["order"], plan.n_active_q, cm.n_q_blocks,
+            table["full_ptr"], table["full_runs"], table["part_ptr"], table["part_runs"], table["part_pattern"],
+            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            num_stages=config.num_stages, **_shared(cm, plan, q, v),
+        )
+
+    _run("forward", cm, plan, q, v, launch)
+    return out, lse
+
+
+def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
+    plan = plan_for(cm, q.device)
+    batch, n_heads, q_len, _ = q.shape
+    n_kv_heads = k.shape[1]
+    dq = _output(q.shape, q.dtype, q.device, plan.queries_covered)
+    dk = _output(k.shape, k.dtype, k.device, plan.keys_covered)
+    dv = _output(v.shape, v.dtype, v.device, plan.keys_covered)
+    if plan.max_active_q == 0:
+        return dq, dk, dv
+    lse2 = torch.empty_like(lse)
+    delta = torch.empty_like(lse)
+    d_lse = d_lse.to(torch.float32).contiguous()
+    block_dv = tuning.head_bucket(v.shape[-1])
+    prepare_rows = 64
+    _bwd_prepare[(batch * n_heads, triton.cdiv(q_len, prepare_rows))](
+        out, d_out, lse, d_lse, lse2, delta, *out.stride(), *d_out.stride(), n_heads, q_len,
+        HEAD_DV=v.shape[-1], BLOCK_DV=block_dv, BLOCK_M=prepare_rows,
+    )
+    qk_scale = scale * LOG2E.value
+    shared = _shared(cm, plan, q, v)
+    fwd, bwd = plan.forward, plan.backward
+
+    def launch_dq(config: tuning.TileConfig) -> None:
+        grid = (batch * n_heads, plan.max_active_q * (cm.block_size[0] // config.block_m))
+        _attn_bwd_dq[grid](
+            q, k, v, d_out, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
+            n_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale, scale,
+            plan.head_slot, len(plan.head_slot), fwd["order"], plan.n_active_q, cm.n_q_blocks,
+            fwd["full_ptr"], fwd["full_runs"], fwd["part_ptr"], fwd["part_runs"], fwd["part_pattern"],
+            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            num_stages=config.num_stages, **shared,
+        )
+
+    def launch_dkdv(config: tuning.TileConfig) -> None:
+        grid = (batch * n_kv_heads, len(plan.kv_order) * (cm.block_size[1] // config.block_n))
+        _attn_bwd_dkdv[grid](
+            q, k, v, d_out, lse2, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(),
+            *dk.stride(), *dv.stride(), n_heads, n_kv_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale,
+            scale, plan.head_slot, len(plan.head_slot), plan.kv_order, cm.n_kv_blocks,
+            bwd["full_ptr"], bwd["full_runs"], bwd["part_ptr"], bwd["part_runs"], bwd["part_pattern"],
+            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            num_stages=config.num_stages, **shared,
+        )
+
+    _run("dq", cm, plan, q, v, launch_dq)
+    _run("dkdv", cm, plan, q, v, launch_dkdv)
+    return dq, dk, dv
+
+
+# -- torch.library op and autograd ------------------------------------------------------
+_masks: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_handles: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_next_handle = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def _handle(cm) -> int:
+    """A stable integer naming ``cm`` for the op (a constant in compiled graphs)."""
+    if cm not in _handles:
+        _handles[cm] = next(_next_handle)
+        _masks[_handles[cm]] = cm
+    return _handles[cm]
+
+
+def _mask(handle: int):
+    cm = _masks.get(handle)
+    if cm is None:
+        raise RuntimeError(f"maskc: the compiled mask {handle} of this attention call was freed")
+    return cm
+
+
+@torch.library.custom_op("maskc::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(_mask(mask), q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("maskc::attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor, mask: int,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(_mask(mask), q, k, v, out, lse, d_out, d_lse, scale)
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, d_out, d_lse, mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mask, ctx.scale = mask, scale
+
+
+def _attention_grad(ctx, d_out, d_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+    dq, dk, dv = _attention_backward_op(q, k, v, out, lse, d_out, d_lse, ctx.mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+
+
+def triton_attention(cm, q, k, v, scale: float):
+    """``(out, lse)`` of attention under ``cm`` by the Triton kernels; differentiable.
+
+    Arguments are checked by ``launch.check_inputs`` and ``launch.check_triton_inputs``."""
+    return _attention_op(q, k, v, _handle(cm), scale)

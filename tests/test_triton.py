@@ -1,0 +1,231 @@
+"""The Triton kernels, forward and backward, in Triton's CPU interpreter against a float64 oracle.
+
+``TRITON_INTERPRET=1`` must be set before maskc's kernels are defined, so it is
+set here, before anything imports ``maskc.codegen.triton_attention``. Sizes are
+small (tens of tokens, head dims 16 to 40, table blocks of 16 or 32) because the
+interpreter runs every program in numpy.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402 - the interpreter switch above must come first
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import maskc  # noqa: E402
+from maskc.codegen import triton_attention as ta  # noqa: E402
+from maskc.codegen import tuning  # noqa: E402
+
+
+def dense_attention(masks, q, k, v, scale):
+    """Plain float64 attention under explicit ``bool`` masks ``[H or 1, q_len, kv_len]``.
+
+    Rows with no allowed key give output 0 and LSE -inf; written with ``where`` so
+    that autograd gives them zero gradients instead of NaN."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(groups, dim=1)
+    v = v.double().repeat_interleave(groups, dim=1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    allowed = masks[None]
+    lse = torch.logsumexp(s.masked_fill(~allowed, -math.inf), dim=-1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(allowed & finite[..., None], p, torch.zeros_like(p))
+    return p @ v, lse
+
+
+def masks_of(cm, n_heads):
+    heads = [cm.dense(h) for h in range(cm.n_heads)]
+    return torch.stack(heads if len(heads) > 1 else heads * n_heads)
+
+
+def loss(out, lse, g_out, g_lse):
+    """A scalar using both outputs; the gradient into the LSE must be honoured (ring merges)."""
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (out.double() * g_out).sum() + (lse.double() * g_lse).sum()
+
+
+def check(spec, block_size=16, batch=1, heads=2, kv_heads=None, head_dim=16, v_dim=None, dtype=torch.float32,
+          scale=None, atol=2e-5):
+    """Forward (out, LSE) and backward (dQ, dK, dV) of the Triton path against the oracle."""
+    cm = maskc.compile(spec, block_size=block_size)
+    kv_heads = kv_heads or heads
+    v_dim = v_dim or head_dim
+    torch.manual_seed(hash(repr(spec)) % 1000)
+    q = torch.randn(batch, heads, spec.q_len, head_dim, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, kv_heads, spec.kv_len, head_dim, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, kv_heads, spec.kv_len, v_dim, dtype=dtype, requires_grad=True)
+    out, lse = cm(q, k, v, scale=scale, return_lse=True, backend="triton")
+    used_scale = 1 / math.sqrt(head_dim) if scale is None else scale
+    ref_out, ref_lse = dense_attention(masks_of(cm, heads), q, k, v, used_scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=atol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=atol)
+
+    g_out = torch.randn(ref_out.shape, dtype=torch.float64)
+    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(loss(out, lse, g_out, g_lse), (q, k, v))
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse, g_out, g_lse), (q, k, v))
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert not got.isnan().any(), f"d{name} has NaN"
+        torch.testing.assert_close(got.double(), want.double(), atol=atol * 10, rtol=atol * 10, msg=f"d{name}")
+    return cm
+
+
+S = maskc.Spec
+rng = np.random.default_rng(0)
+
+# one spec per predicate kind and combination the code generator handles
+PREDICATE_SPECS = {
+    "full": S(q_len=40, kv_len=40, mask=maskc.Full()),
+    "causal": S(q_len=40, kv_len=40, mask=maskc.Causal()),
+    "causal_offset": S(q_len=40, kv_len=40, mask=maskc.Causal(offset=-3)),
+    "causal_bottom_right": S(q_len=24, kv_len=40, mask=maskc.Causal(align="bottom_right")),
+    "window": S(q_len=40, kv_len=40, mask=maskc.SlidingWindow(left=5, right=2)),
+    "window_left_unbounded": S(q_len=40, kv_len=33, mask=maskc.SlidingWindow(left=None, right=4)),
+    "window_bottom_right": S(q_len=20, kv_len=45, mask=maskc.SlidingWindow(left=7, align="bottom_right")),
+    "chunked": S(q_len=40, kv_len=40, mask=maskc.Chunked(size=12) & maskc.Causal()),
+    "prefix_lm": S(q_len=40, kv_len=40, mask=maskc.Prefix(length=11) | maskc.Causal()),
+    "range": S(q_len=40, kv_len=40, mask=maskc.Range(q=(5, 30), kv=(3, 21))),
+    "documents": S(q_len=45, kv_len=45, mask=maskc.Documents(lengths=[7, 20, 13]) & maskc.Causal()),
+    "documents_kv": S(q_len=30, kv_len=48, mask=maskc.Documents(
+        lengths=[10, 0, 19], kv_lengths=[17, 5, 20], inner=maskc.Causal(align="bottom_right"))),
+    "documents_nested": S(q_len=40, kv_len=40, mask=maskc.Documents(
+        lengths=[18, 22], inner=maskc.Documents(lengths=[6, 9]) | maskc.Prefix(length=2))),
+    "documents_window": S(q_len=40, kv_len=40, mask=maskc.Documents(
+        lengths=[25, 15], inner=maskc.SlidingWindow(left=4) & ~maskc.Range(q=(0, 10), kv=(0, 2)))),
+    "not_or": S(q_len=40, kv_len=40, mask=~maskc.Chunked(size=10) | maskc.Causal(offset=2)),
+    "dense": S(q_len=40, kv_len=37, mask=maskc.Dense(values=rng.random((40, 37)) < 0.3)),
+    "predicate_and_causal": S(q_len=40, kv_len=40, mask=maskc.Predicate(fn=lambda i, j: (i + j) % 3 != 0)
+                              & maskc.Causal()),
+}
+
+
+@pytest.mark.parametrize("name", PREDICATE_SPECS)
+def test_every_predicate_kind_forward_and_backward(name):
+    check(PREDICATE_SPECS[name])
+
+
+def test_per_head_masks_of_several_structures_dispatch_per_slot():
+    heads = [maskc.Causal(), maskc.Dense(values=rng.random((40, 40)) < 0.4),
+             maskc.Documents(lengths=[9, 31]) & maskc.Causal(), maskc.SlidingWindow(left=3)]
+    cm = check(S(q_len=40, kv_len=40, mask=heads), heads=4, kv_heads=2)
+    assert "structure = tl.load(args)" in cm.kernel_source
+
+
+def test_gqa_mqa_batch_scale_odd_head_dims():
+    spec = S(q_len=37, kv_len=51, mask=maskc.Causal(align="bottom_right") & maskc.SlidingWindow(
+        left=20, align="bottom_right"))
+    check(spec, batch=2, heads=4, kv_heads=1, head_dim=24, v_dim=40, scale=0.3)
+
+
+def test_tiles_smaller_than_table_blocks(monkeypatch):
+    # kernel tiles of 16 inside table blocks of (32, 64): programs own slices of a block
+    monkeypatch.setattr(tuning, "INTERPRETER", tuning.TileConfig(16, 16, 1, 1))
+    spec = S(q_len=70, kv_len=90, mask=maskc.Documents(lengths=[30, 35], kv_lengths=[40, 45]) & maskc.Causal(
+        align="bottom_right"))
+    check(spec, block_size=(32, 64), heads=2, kv_heads=1)
+
+
+def test_float16():
+    check(PREDICATE_SPECS["documents"], dtype=torch.float16, atol=2e-3)
+
+
+def test_ring_tile_with_empty_rows_and_columns():
+    # a sub-diagonal tile of a document-causal mask split in parts: most queries and keys are empty
+    spec = S(q_len=32, kv_len=32, mask=maskc.Documents(lengths=[0, 9, 23], kv_lengths=[20, 12, 0]))
+    cm = check(spec)
+    assert len(cm.empty_rows) and len(cm.empty_cols)
+
+
+def test_empty_mask_launches_nothing(monkeypatch):
+    cm = maskc.compile(S(q_len=32, kv_len=48, mask=maskc.Range(q=(0, 0), kv=(0, 48))), block_size=16)
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched for an empty mask")
+
+    for name in ("_attn_fwd", "_bwd_prepare", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        monkeypatch.setattr(ta, name, NoLaunch())
+    q = torch.randn(1, 2, 32, 16, requires_grad=True)
+    k = torch.randn(1, 2, 48, 16, requires_grad=True)
+    v = torch.randn(1, 2, 48, 16, requires_grad=True)
+    out, lse = cm(q, k, v, return_lse=True, backend="triton")
+    assert (out == 0).all() and (lse == -math.inf).all()
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+def test_new_document_lengths_reuse_the_kernels():
+    def compiled(lengths):
+        return maskc.compile(S(q_len=64, kv_len=64, mask=maskc.Documents(lengths=lengths) & maskc.Causal()),
+                             block_size=16)
+
+    first, second = compiled([10, 30, 24]), compiled([3, 5, 40, 16])
+    assert first.kernel_source.splitlines()[1:] == second.kernel_source.splitlines()[1:]
+    assert ta.plan_for(first, torch.device("cpu")).predicate is ta.plan_for(second, torch.device("cpu")).predicate
+    for number in ("10", "30", "24", "40"):
+        assert f" {number})" not in first.kernel_source and f"< {number}" not in first.kernel_source
+
+
+def test_kernel_source_shows_the_generated_predicate():
+    cm = maskc.compile(PREDICATE_SPECS["documents"].model_copy(), block_size=16)
+    source = cm.kernel_source
+    assert "def partial_mask(" in source and "@triton.jit" in source
+    compile(source, "kernel_source", "exec")
+
+
+def test_runs_under_torch_compile_without_graph_break():
+    cm = maskc.compile(PREDICATE_SPECS["documents"], block_size=16)
+
+    def attend(q, k, v):
+        out, lse = cm(q, k, v, return_lse=True, backend="triton")
+        return out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()
+
+    q, k, v = (torch.randn(1, 2, 45, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    want = torch.autograd.grad(attend(q, k, v), (q, k, v))
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (dict(dtype=torch.float64), TypeError, "q.dtype=torch.float64"),
+    (dict(head_dim=512), ValueError, "head_dim=512"),
+    (dict(block_size=8), ValueError, "block_size=(8, 8)"),
+])
+def test_unsupported_inputs_are_refused_before_launch(bad, error, words):
+    cm = maskc.compile(S(q_len=32, kv_len=32, mask=maskc.Causal()), block_size=bad.get("block_size", 16))
+    x = torch.randn(1, 1, 32, bad.get("head_dim", 16), dtype=bad.get("dtype", torch.float32))
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        cm(x, x, x, backend="triton")
+
+
+def test_a_config_short_of_shared_memory_falls_back_to_a_smaller_one(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(tuning, "INTERPRETER", tuning.TileConfig(16, 32, 1, 2))
+    monkeypatch.setattr(ta, "_fitted", {})
+    kernel, tried = ta._attn_fwd, []
+
+    class SharedMemoryLimit:  # as a GPU whose shared memory holds one pipeline stage only
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, num_stages, **kwargs):
+                tried.append((BLOCK_N, num_stages))
+                if num_stages > 1:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return kernel[grid](*args, BLOCK_N=BLOCK_N, num_stages=num_stages, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ta, "_attn_fwd", SharedMemoryLimit())
+    cm = check(PREDICATE_SPECS["window"], block_size=32)
+    x = torch.randn(1, 1, 40, 16)
+    cm(x, x, x, backend="triton")  # the config that fitted is remembered
+    assert tried == [(32, 2), (32, 1), (32, 1)]
