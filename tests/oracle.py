@@ -17,8 +17,13 @@ import maskc
 
 def dense_mask(node: maskc.Mask, q_len: int, kv_len: int) -> np.ndarray:
     """``bool[q_len, kv_len]``: ``allowed(i, j)`` of ``node`` in a scope of ``(q_len, kv_len)``."""
-    i = np.arange(q_len, dtype=np.int64)[:, None]
-    j = np.arange(kv_len, dtype=np.int64)[None, :]
+    return np.broadcast_to(np.asarray(_allowed(node, q_len, kv_len), dtype=bool), (q_len, kv_len)).copy()
+
+
+def _allowed(node: maskc.Mask, q_len: int, kv_len: int):
+    # Python integers (object arrays): offsets and lengths of any size, no int64 overflow
+    i = np.arange(q_len).astype(object)[:, None]
+    j = np.arange(kv_len).astype(object)[None, :]
     shape = (q_len, kv_len)
     kind = node.kind
     if kind == "full":
@@ -28,17 +33,17 @@ def dense_mask(node: maskc.Mask, q_len: int, kv_len: int) -> np.ndarray:
     if kind in ("causal", "sliding_window"):
         s = kv_len - q_len if node.align == "bottom_right" else 0
         if kind == "causal":
-            return np.broadcast_to(j <= i + node.offset + s, shape).copy()
+            return j <= i + node.offset + s
         ok = np.ones(shape, dtype=bool)
         if node.left is not None:
-            ok &= i + s - node.left <= j
+            ok = ok & (i + s - node.left <= j)
         if node.right is not None:
-            ok &= j <= i + s + node.right
+            ok = ok & (j <= i + s + node.right)
         return ok
     if kind == "chunked":
         return i // node.size == j // node.size
     if kind == "prefix":
-        return np.broadcast_to(j < node.length, shape).copy()
+        return j < node.length
     if kind == "range":
         (a, b), (c, d) = node.q, node.kv
         return (a <= i) & (i < b) & (c <= j) & (j < d)
@@ -57,7 +62,7 @@ def dense_mask(node: maskc.Mask, q_len: int, kv_len: int) -> np.ndarray:
     if kind == "predicate":
         ii = torch.arange(q_len, dtype=torch.int64)[:, None]
         jj = torch.arange(kv_len, dtype=torch.int64)[None, :]
-        return np.broadcast_to(np.asarray(node.fn(ii, jj), dtype=bool), shape).copy()
+        return np.asarray(node.fn(ii, jj))
     if kind == "and":
         out = np.ones(shape, dtype=bool)
         for x in node.of:

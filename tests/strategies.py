@@ -39,12 +39,29 @@ PREDICATES = (checkerboard, lower_triangle, sparse_hash, nothing)
 ALIGNS = st.sampled_from(["top_left", "bottom_right"])
 
 
-def offsets(kv_len: int):
-    return st.integers(-kv_len - 2, kv_len + 2) | st.integers(-3, 3)
+# numbers past int64 arithmetic (i + offset would wrap): their meaning must not change
+HUGE = st.sampled_from([2**62, 2**63 - 1, 2**70])
 
 
-def bounds(kv_len: int):
-    return st.none() | st.integers(0, 4) | st.integers(0, kv_len + 2)
+@dataclass(frozen=True)
+class Options:
+    """Which nodes and numbers may appear: ``Dense``, ``Predicate`` (not serialisable),
+    and ``huge`` offsets, sizes and lengths far past any scope."""
+
+    dense: bool = True
+    predicates: bool = True
+    huge: bool = False
+
+    def offsets(self, kv_len: int):
+        out = st.integers(-kv_len - 2, kv_len + 2) | st.integers(-3, 3)
+        return out | HUGE | HUGE.map(lambda x: -x) if self.huge else out
+
+    def counts(self, low: int, high: int):
+        """Sizes and lengths in ``[low, high]``, or huge ones."""
+        return st.integers(low, high) | HUGE if self.huge else st.integers(low, high)
+
+    def bounds(self, kv_len: int):
+        return st.none() | st.integers(0, 4) | self.counts(0, kv_len + 2)
 
 
 def dense_values(q_len: int, kv_len: int):
@@ -77,6 +94,7 @@ class Scope:
     fits: tuple[int, int]
     reach: tuple[int, int]
     shape: Optional[tuple[int, int]]
+    in_documents: bool = False  # a Range is read literally (and clipped), so it may reach past
 
     @staticmethod
     def of_spec(q_len: int, kv_len: int) -> "Scope":
@@ -85,10 +103,10 @@ class Scope:
     def documents(self, q_lengths, k_lengths) -> "Scope":
         shapes = set(zip(q_lengths, k_lengths))
         return Scope((min(q_lengths), min(k_lengths)), (max(q_lengths), max(k_lengths)),
-                     shapes.pop() if len(shapes) == 1 else None)
+                     shapes.pop() if len(shapes) == 1 else None, in_documents=True)
 
 
-def leaves(scope: Scope, opaque: bool):
+def leaves(scope: Scope, options: Options):
     """Nodes with no operand. A ``Range`` fits the spec, or is read literally (and
     clipped) in documents; ``Dense`` appears only where all scopes share a shape."""
     q_reach, kv_reach = scope.reach
@@ -97,31 +115,33 @@ def leaves(scope: Scope, opaque: bool):
     def ranges(draw):
         a = draw(st.integers(0, q_reach))
         c = draw(st.integers(0, kv_reach))
+        if scope.in_documents:
+            b, d = draw(options.counts(a, q_reach + 2)), draw(options.counts(c, kv_reach + 2))
+            return maskc.Range(q=(a, b), kv=(c, d))
         return maskc.Range(q=(a, draw(st.integers(a, q_reach))), kv=(c, draw(st.integers(c, kv_reach))))
 
-    options = [
+    nodes = [
         st.just(maskc.Full()),
         st.just(maskc.Empty()),
-        st.builds(maskc.Causal, offset=offsets(kv_reach), align=ALIGNS),
-        st.builds(maskc.SlidingWindow, left=bounds(kv_reach), right=bounds(kv_reach), align=ALIGNS),
-        st.builds(maskc.Chunked, size=st.integers(1, 12) | st.integers(1, MAX_LEN + 3)),
-        st.builds(maskc.Prefix, length=st.integers(0, kv_reach + 3)),
+        st.builds(maskc.Causal, offset=options.offsets(kv_reach), align=ALIGNS),
+        st.builds(maskc.SlidingWindow, left=options.bounds(kv_reach), right=options.bounds(kv_reach), align=ALIGNS),
+        st.builds(maskc.Chunked, size=st.integers(1, 12) | options.counts(1, MAX_LEN + 3)),
+        st.builds(maskc.Prefix, length=options.counts(0, kv_reach + 3)),
         ranges(),
     ]
-    if opaque:
-        options.append(st.sampled_from(PREDICATES).map(lambda fn: maskc.Predicate(fn=fn)))
-        if scope.shape is not None and 0 not in scope.shape:
-            options.append(dense_values(*scope.shape).map(lambda values: maskc.Dense(values=values)))
-    return st.one_of(options)
+    if options.predicates:
+        nodes.append(st.sampled_from(PREDICATES).map(lambda fn: maskc.Predicate(fn=fn)))
+    if options.dense and scope.shape is not None and 0 not in scope.shape:
+        nodes.append(dense_values(*scope.shape).map(lambda values: maskc.Dense(values=values)))
+    return st.one_of(nodes)
 
 
-def masks(scope: Scope, depth: int = 3, opaque: bool = True):
-    """A random expression valid in ``scope``, at most ``depth`` operators deep;
-    ``opaque=False`` leaves out ``Dense`` and ``Predicate``."""
-    base = leaves(scope, opaque)
+def masks(scope: Scope, depth: int = 3, options: Options = Options()):
+    """A random expression valid in ``scope``, at most ``depth`` operators deep."""
+    base = leaves(scope, options)
     if depth == 0:
         return base
-    sub = masks(scope, depth - 1, opaque)
+    sub = masks(scope, depth - 1, options)
     q_fits, kv_fits = scope.fits
 
     @st.composite
@@ -134,7 +154,7 @@ def masks(scope: Scope, depth: int = 3, opaque: bool = True):
         k_lengths = q_lengths if kv_lengths is None else kv_lengths
         q_start = draw(st.just(0) | st.integers(0, q_fits - sum(q_lengths)))
         kv_start = draw(st.just(0) | st.integers(0, kv_fits - sum(k_lengths)))
-        inner = draw(masks(scope.documents(q_lengths, k_lengths), depth - 1, opaque))
+        inner = draw(masks(scope.documents(q_lengths, k_lengths), depth - 1, options))
         cut = draw(st.integers(0, count))
         if 0 < cut < count and draw(st.booleans()):  # the same documents, written as two groups
             return maskc.Documents(
@@ -166,12 +186,13 @@ block_sizes = st.integers(1, 24) | st.tuples(st.integers(1, 24), st.integers(1, 
 
 
 @st.composite
-def specs(draw, max_len: int = MAX_LEN, max_heads: int = 4, opaque: bool = True, depth: int = 3):
+def specs(draw, max_len: int = MAX_LEN, max_heads: int = 4, depth: int = 3, dense: bool = True,
+          predicates: bool = True, huge: bool = False):
     """A random ``Spec``: a head-shared mask, or per-head masks drawn from a small pool
-    (so identical heads occur)."""
+    (so identical heads occur). ``dense``, ``predicates``, ``huge``: see ``Options``."""
     q_len = draw(st.integers(1, max_len))
     kv_len = draw(st.integers(1, max_len) | st.just(q_len))
-    one = masks(Scope.of_spec(q_len, kv_len), depth, opaque)
+    one = masks(Scope.of_spec(q_len, kv_len), depth, Options(dense, predicates, huge))
     if max_heads == 1 or draw(st.booleans()):
         return maskc.Spec(q_len=q_len, kv_len=kv_len, mask=draw(one))
     pool = draw(st.lists(one, min_size=1, max_size=3))

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -38,6 +39,23 @@ from pydantic import (
 from ..errors import SpecError, TranslatingMeta
 
 Align = Literal["top_left", "bottom_right"]
+
+#: Numbers of a node (offsets, window bounds, sizes, lengths, range ends) are
+#: clamped to ``[-INDEX_LIMIT, INDEX_LIMIT]`` when the node is built: far past
+#: any scope, so the meaning is unchanged, and every later int64 sum such as
+#: ``i + s + offset`` (in the passes, crops and exports) cannot overflow.
+INDEX_LIMIT = 1 << 61
+
+
+def clamped(value: int) -> int:
+    """``value`` clamped to ``[-INDEX_LIMIT, INDEX_LIMIT]`` (see ``INDEX_LIMIT``)."""
+    return max(-INDEX_LIMIT, min(INDEX_LIMIT, value))
+
+
+Offset = Annotated[int, AfterValidator(clamped)]
+Size = Annotated[PositiveInt, AfterValidator(clamped)]
+Count = Annotated[NonNegativeInt, AfterValidator(clamped)]
+
 
 #: Largest number of elements a ``Dense`` node (or ``CompiledMask.dense()``)
 #: will hold; past it they refuse instead of exhausting memory.
@@ -146,7 +164,7 @@ class Causal(Mask):
     """
 
     kind: Literal["causal"] = "causal"
-    offset: int = 0
+    offset: Offset = 0
     align: Align = "top_left"
 
     def allowed(self, i, j, q_len, kv_len):
@@ -169,8 +187,8 @@ class SlidingWindow(Mask):
     """
 
     kind: Literal["sliding_window"] = "sliding_window"
-    left: Optional[NonNegativeInt]
-    right: Optional[NonNegativeInt] = 0
+    left: Optional[Count]
+    right: Optional[Count] = 0
     align: Align = "top_left"
 
     def allowed(self, i, j, q_len, kv_len):
@@ -198,7 +216,7 @@ class Chunked(Mask):
     """
 
     kind: Literal["chunked"] = "chunked"
-    size: PositiveInt
+    size: Size
 
     def allowed(self, i, j, q_len, kv_len):
         return np.asarray(i) // self.size == np.asarray(j) // self.size
@@ -212,7 +230,7 @@ class Prefix(Mask):
     """
 
     kind: Literal["prefix"] = "prefix"
-    length: NonNegativeInt
+    length: Count
 
     def allowed(self, i, j, q_len, kv_len):
         return np.broadcast_to(np.asarray(j) < self.length, np.broadcast_shapes(np.shape(i), np.shape(j)))
@@ -236,8 +254,8 @@ class Range(Mask):
     """
 
     kind: Literal["range"] = "range"
-    q: tuple[NonNegativeInt, NonNegativeInt]
-    kv: tuple[NonNegativeInt, NonNegativeInt]
+    q: tuple[Count, Count]
+    kv: tuple[Count, Count]
 
     @model_validator(mode="after")
     def _ordered(self):

@@ -91,9 +91,9 @@ def _prefix(m: ir.Prefix, rows: Rows, memo) -> Bounds:
 
 
 def _range(m: ir.Range, rows: Rows, memo) -> Bounds:
-    inside = (rows.i >= m.q[0]) & (rows.i < m.q[1])
-    hi = np.where(inside, np.minimum(m.kv[1], rows.kv_len), 0)
-    return _exact(iv.span(m.kv[0], hi, rows.n))
+    (a, b), (c, d) = m.q, m.kv
+    inside = (rows.i >= a) & (rows.i < b)
+    return _exact(iv.span(c, np.where(inside, np.minimum(d, rows.kv_len), 0), rows.n))
 
 
 def _documents(m: ir.Documents, rows: Rows, memo) -> Bounds:
