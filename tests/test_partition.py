@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskc
-from tests import oracle
-from tests.strategies import specs
+import oracle
+from strategies import specs
 
 
 def splits(length: int):
