@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import maskc
 from maskc.distributed import plan_report
 from maskc.passes.shard import STRATEGIES, shard_plan
-from tests import oracle
-from tests.strategies import Scope, masks
+import oracle
+from strategies import Scope, masks
 
 XFORMERS_995 = maskc.Spec(q_len=12, kv_len=12, mask=maskc.Documents(lengths=[5, 4, 3]) & maskc.Causal())
 
