@@ -3,7 +3,8 @@
 
     python bench/gpu_bench.py                  # everything; writes the section of bench/RESULTS.md
     python bench/gpu_bench.py --sizes 8192 --no-write
-    python bench/gpu_bench.py --tune           # tile configs of the three kernels on causal 32K
+    python bench/gpu_bench.py --sizes 131072 --masks causal doc-causal window-1024 --skip ring build
+    python bench/gpu_bench.py --tune           # tile configs of the three kernels (default: causal 32K)
 
 Per mask and size (batch 1, 16 heads, head dim 128, bf16): forward and backward
 TFLOP/s of maskc and of ``torch.compile(flex_attention)`` on the same mask, and
@@ -65,11 +66,14 @@ def document_ids(lengths) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE))
 
 
-def masks(length: int, rng: np.random.Generator) -> dict:
-    """name -> (maskc mask, flex mask_mod) for ``length`` tokens."""
+MASKS = ("causal", "doc-causal", "window-1024", "prefix-lm", "chunked-8K")
+
+
+def masks(length: int, rng: np.random.Generator, names=MASKS) -> dict:
+    """name -> (maskc mask, flex mask_mod) for ``length`` tokens, for the masks in ``names``."""
     lengths = document_lengths(length, rng)
     doc = document_ids(lengths)
-    return {
+    every = {
         "causal": (maskc.Causal(), lambda b, h, q, kv: q >= kv),
         "doc-causal": (maskc.Documents(lengths=lengths) & maskc.Causal(),
                        lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)),
@@ -78,6 +82,7 @@ def masks(length: int, rng: np.random.Generator) -> dict:
         "chunked-8K": (maskc.Chunked(size=CHUNK) & maskc.Causal(),
                        lambda b, h, q, kv: (q // CHUNK == kv // CHUNK) & (q >= kv)),
     }
+    return {name: every[name] for name in names}
 
 
 def block_mask(mask_mod, q_len: int, kv_len: int):
@@ -184,47 +189,64 @@ def check_case(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> t
     return (name, *errors, nan)
 
 
-def tune(report: list) -> None:
-    """Compile times, then median TFLOP/s of each kernel's ``tuning.CANDIDATES`` on causal 32K."""
-    length = 32768
-    cm = maskc.compile(maskc.Spec(q_len=length, kv_len=length, mask=maskc.Causal()))
-    pairs = cm.allowed_pairs()
-    q, k, v = inputs(length, length)
-    bm = block_mask(lambda b, h, qi, kj: qi >= kj, length, length)
-    for tool, attend in (("maskc", cm), ("flex", lambda q, k, v: flex(q, k, v, block_mask=bm))):
-        t0 = time.perf_counter()
-        out = attend(q, k, v)
-        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-        torch.cuda.synchronize()
-        fwd, bwd = time_fwd_bwd(attend, q, k, v)
-        report.append((tool, f"first call {time.perf_counter() - t0:.1f} s", tflops(pairs, fwd),
-                       tflops(pairs, bwd, 2.5), ""))
-    for kernel in tuning.KERNELS:
-        default = tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)]
-        for config in dict.fromkeys([default] + tuning.CANDIDATES[kernel]):
-            tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = config
-            try:
-                if kernel == "forward":
-                    speed = tflops(pairs, ms(lambda: cm(q, k, v)))
-                else:
+def tune(sizes, names, report: list) -> None:
+    """Per mask and size: both tools with maskc's default tiles, then each kernel's
+    ``tuning.CANDIDATES`` (the other two kernels at their defaults); median useful TFLOP/s."""
+    def add(*row) -> None:
+        report.append(row)
+        print(*row, flush=True)
+
+    rng = np.random.default_rng(0)
+    for length in sizes:
+        q, k, v = inputs(length, length)
+        for name, (mask, mask_mod) in masks(length, rng, names).items():
+            cm = maskc.compile(maskc.Spec(q_len=length, kv_len=length, mask=mask))
+            bm = block_mask(mask_mod, length, length)
+            pairs = cm.allowed_pairs()
+            for tool, attend in (("flex", lambda q, k, v: flex(q, k, v, block_mask=bm)), ("maskc", cm)):
+                fwd, bwd = time_fwd_bwd(attend, q, k, v)
+                add(name, length, tool, "defaults", tflops(pairs, fwd), tflops(pairs, bwd, 2.5))
+            for kernel in tuning.KERNELS:
+                default = tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)]
+                for config in dict.fromkeys(tuning.CANDIDATES[kernel]):
+                    if config == default:
+                        continue
+                    tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = config
+                    triton_attention._fitted.clear()  # else the first config that fitted is kept
                     out = cm(q, k, v)
-                    grad = torch.randn_like(out)
-                    speed = tflops(pairs, ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)),
-                                   2.5)
-            except triton.runtime.errors.OutOfResources as error:
-                report.append((kernel, config, float("nan"), float("nan"), str(error)[:60]))
-                continue
-            report.append((kernel, config, speed if kernel == "forward" else float("nan"),
-                           speed if kernel != "forward" else float("nan"), ""))
-        tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = default
+                    if kernel == "forward":
+                        speed = (tflops(pairs, ms(lambda: cm(q, k, v))), float("nan"))
+                    else:
+                        grad = torch.randn_like(out)
+                        speed = (float("nan"), tflops(pairs, ms(lambda: torch.autograd.grad(
+                            out, (q, k, v), grad, retain_graph=True)), 2.5))
+                    ran = [c for key, c in triton_attention._fitted.items() if key[0] == kernel]
+                    add(name, length, "maskc", f"{kernel} {tiles(ran[0] if ran else config)}", *speed)
+                tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = default
+                triton_attention._fitted.clear()
 
 
-def main_table(sizes, rows: list, errors: list) -> None:
+def tiles(config: tuning.TileConfig) -> str:
+    return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
+
+
+def tune_table(report) -> str:
+    out = ["| mask | tokens | tool | tiles | fwd TFLOP/s | bwd TFLOP/s | fwd / flex | bwd / flex |",
+           "|---|---|---|---|---|---|---|---|"]
+    flex_of = {(r[0], r[1]): r for r in report if r[2] == "flex"}
+    for name, length, tool, tiles, fwd, bwd in report:
+        ref = flex_of[name, length]
+        out.append(f"| {name} | {length // 1024}K | {tool} | {tiles} | {fwd:.0f} | {bwd:.0f} | {fwd / ref[4]:.2f}x | "
+                   f"{bwd / ref[5]:.2f}x |")
+    return "\n".join(out)
+
+
+def main_table(sizes, names, rows: list, errors: list) -> None:
     rng = np.random.default_rng(0)
     for length in sizes:
         q, k, v = inputs(length, length)
         sample = sample_rows(length, rng)
-        for name, (mask, mask_mod) in masks(length, rng).items():
+        for name, (mask, mask_mod) in masks(length, rng, names).items():
             spec = maskc.Spec(q_len=length, kv_len=length, mask=mask)
             cm = maskc.compile(spec)
             bm = block_mask(mask_mod, length, length)
@@ -405,7 +427,8 @@ def write_results(text: str, command: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--sizes", type=int, nargs="+", help="tokens (default 8192 32768 131072; --tune: 32768)")
+    parser.add_argument("--masks", nargs="+", choices=MASKS, help="default all (--tune: causal)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--tune", action="store_true", help="time the tile configs of tuning.CANDIDATES")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "table", "ring", "build"])
@@ -413,14 +436,17 @@ def main() -> None:
     print(machine(), flush=True)
     if args.tune:
         checks, report = [], []
-        correctness(checks)
-        print(tables([], [], [], checks), flush=True)
-        tune(report)
-        for kernel, config, fwd, bwd, note in report:
-            print(f"{kernel:6s} {config} fwd {fwd:6.1f} bwd {bwd:6.1f} {note}", flush=True)
+        if "checks" not in args.skip:
+            correctness(checks)
+            print(tables([], [], [], checks), flush=True)
+        print("defaults:", ", ".join(f"{kernel} {tiles(tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)])}"
+                                     for kernel in tuning.KERNELS), flush=True)
+        tune(args.sizes or [32768], args.masks or ["causal"], report)
+        print(tune_table(report))
         return
+    sizes, names = args.sizes or [8192, 32768, 131072], args.masks or MASKS
     checks, rows, errors, builds = [], [], [], []
-    stages = [("checks", lambda: correctness(checks)), ("table", lambda: main_table(args.sizes, rows, errors)),
+    stages = [("checks", lambda: correctness(checks)), ("table", lambda: main_table(sizes, names, rows, errors)),
               ("ring", lambda: ring(rows)), ("build", lambda: build_times(builds))]
     for name, run in stages:
         if name not in args.skip:

@@ -124,9 +124,16 @@ def test_gqa_mqa_batch_scale_odd_head_dims():
     check(spec, batch=2, heads=4, kv_heads=1, head_dim=24, v_dim=40, scale=0.3)
 
 
-def test_tiles_smaller_than_table_blocks(monkeypatch):
-    # kernel tiles of 16 inside table blocks of (32, 64): programs own slices of a block
-    monkeypatch.setattr(tuning, "INTERPRETER", tuning.TileConfig(16, 16, 1, 1))
+def test_negative_and_zero_scale():
+    check(PREDICATE_SPECS["prefix_lm"], scale=-0.7)
+    check(PREDICATE_SPECS["window"], scale=0.0)
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (16, 32)])
+def test_tiles_smaller_than_table_blocks(monkeypatch, tiles):
+    # kernel tiles inside table blocks of (32, 64): programs own slices of a block, a listed
+    # block takes several steps; (16, 32) has the proportions of the GPU's dK/dV tiles (64 x 128)
+    monkeypatch.setattr(tuning, "INTERPRETER", tuning.TileConfig(*tiles, 1, 1))
     spec = S(q_len=70, kv_len=90, mask=maskc.Documents(lengths=[30, 35], kv_lengths=[40, 45]) & maskc.Causal(
         align="bottom_right"))
     check(spec, block_size=(32, 64), heads=2, kv_heads=1)
@@ -141,6 +148,45 @@ def test_ring_tile_with_empty_rows_and_columns():
     spec = S(q_len=32, kv_len=32, mask=maskc.Documents(lengths=[0, 9, 23], kv_lengths=[20, 12, 0]))
     cm = check(spec)
     assert len(cm.empty_rows) and len(cm.empty_cols)
+
+
+def _listed(lists, slot: int, group: int) -> tuple[list, list]:
+    full = lists.full_idx[lists.full_ptr[slot, group]:lists.full_ptr[slot, group + 1]].tolist()
+    part = lists.part_idx[lists.part_ptr[slot, group]:lists.part_ptr[slot, group + 1]].tolist()
+    return full, part
+
+
+def test_block_lists_hold_every_tile_once_full_tiles_cut_short_as_partial():
+    heads = [maskc.Documents(lengths=[30, 40]) & maskc.Causal(),
+             maskc.Prefix(length=5) | maskc.Range(q=(32, 70), kv=(40, 90))]
+    cm = maskc.compile(S(q_len=70, kv_len=90, mask=heads), block_size=(32, 16))
+    plan = ta.plan_for(cm, torch.device("cpu"))
+    kinds = cm.block_kinds.numpy()
+    ragged_q, ragged_kv = 70 // 32, 90 // 16  # the blocks that the ends cut short
+    for slot, head in enumerate(cm.table.head_slot.tolist()):
+        for qb in range(cm.n_q_blocks):
+            full, part = _listed(plan.forward, slot, qb)
+            row = kinds[head, qb]
+            assert full == [kb for kb in range(cm.n_kv_blocks) if row[kb] == maskc.FULL and kb != ragged_kv]
+            assert part == [kb for kb in range(cm.n_kv_blocks) if row[kb] == maskc.PARTIAL
+                            or (row[kb] == maskc.FULL and kb == ragged_kv)]
+        for kb in range(cm.n_kv_blocks):
+            full, part = _listed(plan.backward, slot, kb)
+            col = kinds[head, :, kb]
+            assert full == [qb for qb in range(cm.n_q_blocks) if col[qb] == maskc.FULL and qb != ragged_q]
+            assert part == [qb for qb in range(cm.n_q_blocks) if col[qb] == maskc.PARTIAL
+                            or (col[qb] == maskc.FULL and qb == ragged_q)]
+    assert (kinds[:, :, ragged_kv] == maskc.FULL).any() and (kinds[:, ragged_q] == maskc.FULL).any()
+
+
+def test_full_tiles_cut_short_in_a_bit_pattern_slot():
+    # the last query and key blocks allow every pair: FULL tiles that the ends cut short, listed as
+    # PARTIAL with pattern -1 in a slot whose other PARTIAL tiles read bit patterns
+    spec = S(q_len=40, kv_len=37, mask=maskc.Predicate(fn=lambda i, j: (i >= 32) | (j >= 32) | ((i + j) % 3 != 0)))
+    cm = check(spec)
+    plan = ta.plan_for(cm, torch.device("cpu"))
+    for lists in (plan.forward, plan.backward):
+        assert -1 in lists.part_pattern.tolist() and (lists.part_pattern >= 0).any()
 
 
 def test_empty_mask_launches_nothing(monkeypatch):
@@ -204,6 +250,13 @@ def test_unsupported_inputs_are_refused_before_launch(bad, error, words):
     cm = maskc.compile(S(q_len=32, kv_len=32, mask=maskc.Causal()), block_size=bad.get("block_size", 16))
     x = torch.randn(1, 1, 32, bad.get("head_dim", 16), dtype=bad.get("dtype", torch.float32))
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        cm(x, x, x, backend="triton")
+
+
+def test_more_batch_heads_than_the_grid_holds_are_refused_before_launch():
+    cm = maskc.compile(S(q_len=32, kv_len=32, mask=maskc.Causal()), block_size=16)
+    x = torch.randn(1, 1, 32, 16).expand(2, 40000, 32, 16)  # checked by shape, never allocated
+    with pytest.raises(ValueError, match="batch \\* heads = 2 \\* 40000"):
         cm(x, x, x, backend="triton")
 
 

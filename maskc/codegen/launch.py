@@ -13,6 +13,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_BATCH_HEADS = 65535  # the launch grids' second axis (programs of one head run together on the first)
 
 
 def check_inputs(cm, q, k, v, scale) -> None:
@@ -67,6 +68,9 @@ def check_triton_inputs(cm, q, k, v) -> None:
     if any(b % 16 for b in cm.block_size):
         raise ValueError(f"the mask was compiled with block_size={cm.block_size}; backend='triton' needs "
                          "multiples of 16 (kernel tiles are powers of two >= 16 dividing them)")
+    if q.shape[0] * q.shape[1] > TRITON_MAX_BATCH_HEADS:
+        raise ValueError(f"q has batch * heads = {q.shape[0]} * {q.shape[1]}; backend='triton' supports at most "
+                         f"{TRITON_MAX_BATCH_HEADS}")
     if cm.q_len + cm.kv_len >= MAX_POSITIONS:
         raise ValueError(f"q_len + kv_len = {cm.q_len + cm.kv_len}: backend='triton' supports fewer than "
                          f"{MAX_POSITIONS} positions")

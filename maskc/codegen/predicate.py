@@ -19,9 +19,10 @@ only in their numbers, say documents of new lengths at every training step,
 generate the same text and therefore share compiled kernels.
 
 Slots holding ``Dense``/``Predicate`` nodes have no generated arithmetic: their
-PARTIAL tiles read the precomputed bit tile ``patterns[pattern]``. When a
-mask's slots (per-head masks) have several structures, the function
-dispatches on ``args[0]``, the slot's structure index.
+PARTIAL tiles read the precomputed bit tile ``patterns[pattern]`` (``pattern``
+is -1 for a FULL tile cut short by the end of the sequence, see
+``block_lists.py``). When a mask's slots (per-head masks) have several
+structures, the function dispatches on ``args[0]``, the slot's structure index.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from ..ir import nodes as ir
 #: Largest ``q_len + kv_len`` the generated int32 index arithmetic supports.
 MAX_POSITIONS = 1 << 30
 
-PATTERN_BODY = ("allowed = tl.load(patterns + pattern.to(tl.int64) * (BQ * BK) + (i % BQ) * BK + (j % BK)) != 0",)
+#: Slots with bit patterns: pattern -1 is a FULL tile that the end of the sequence cuts
+#: short (``block_lists.py``), where only the bounds decide.
+PATTERN_BODY = (
+    "in_range = (i < q_len) & (j < kv_len)",
+    "bits = tl.load(patterns + pattern.to(tl.int64) * (BQ * BK) + (i % BQ) * BK + (j % BK),"
+    " mask=tl.where(pattern >= 0, in_range, False), other=1)",
+    "allowed = (bits != 0) & in_range",
+)
 
 
 def _once(make: Callable):

@@ -1,29 +1,31 @@
 """Triton attention kernels specialised on a compiled mask, forward and backward.
 
-The kernels walk the block-sparse index tables (``passes/tables.py``): per
-table block, runs of FULL tiles and runs of PARTIAL tiles. Each run is cut
-into kernel steps of ``BLOCK_N`` keys (``BLOCK_M`` queries for dK/dV) that
-never straddle a table block (``tuning.py`` says how tiles fit table blocks),
-and each step is one of three kinds, a ``tl.constexpr``:
+The kernels walk per-tile block lists (``block_lists.py``, expanded once per
+mask and device from the run tables of ``passes/tables.py``): each query block
+(forward, dQ) or key block (dK/dV) has one list of FULL tiles and one of
+PARTIAL tiles, and each list is walked by one software-pipelined loop of
+kernel steps of ``BLOCK_N`` keys (``BLOCK_M`` queries for dK/dV). A step never
+straddles a table block (``tuning.py`` says how tiles fit table blocks), and
+the list it comes from is a ``tl.constexpr``:
 
-* ``STEP_FULL``: every pair allowed and in range; no mask code, unchecked loads;
-* ``STEP_BOUNDED``: the last step of a FULL run that reaches past the end of
-  the keys (queries); only the bounds are checked;
-* ``STEP_PARTIAL``: a PARTIAL tile; the generated predicate
-  (``predicate.py``, passed to the kernels as a ``tl.constexpr`` function)
-  decides each pair.
+* ``FULL``: every pair allowed and in range; no mask code, unchecked loads;
+* ``PARTIAL``: the generated predicate (``predicate.py``, passed to the
+  kernels as a ``tl.constexpr`` function) decides each pair; loads are
+  bounds-checked. FULL tiles that the end of the sequence cuts short are
+  listed here (``block_lists.py``).
 
-EMPTY tiles are in no run and never visited.
+EMPTY tiles are in no list and never visited.
 
-Grids. Forward and dQ: ``(batch * q_heads, programs)`` where program ``t``
+Grids. Forward and dQ: ``(programs, batch * q_heads)`` where program ``t``
 owns ``BLOCK_M`` rows of query block ``order[slot, t // (BQ // BLOCK_M)]``:
-only query blocks with work get a program, heaviest first (the second grid
-axis is the slow one, so the heavy blocks of every head start first). Rows of
-blocks with no work are filled with 0 (LSE ``-inf``) before the launch, and a
-mask with no allowed pair launches nothing. dK/dV: ``(batch * kv_heads,
-programs)``, one program per ``BLOCK_N`` keys of the key blocks with work,
-heaviest first; it loops over the query heads sharing its key head (GQA/MQA),
-so dK/dV need no atomics, and keys nobody attends get 0.
+only query blocks with work get a program, heaviest first. The first grid
+axis is the fast one, so the programs running at once mostly belong to one
+head and stream the same keys through L2. Rows of blocks with no work are
+filled with 0 (LSE ``-inf``) before the launch, and a mask with no allowed pair
+launches nothing. dK/dV: ``(programs, batch * kv_heads)``, one program per
+``BLOCK_N`` keys of the key blocks with work, heaviest first; it loops over
+the query heads sharing its key head (GQA/MQA), so dK/dV need no atomics, and
+keys nobody attends get 0.
 
 Numbers: scores are kept in base 2 (``qk_scale = scale * log2(e)``), the
 stored LSE is natural. The backward pass first computes, per query row,
@@ -33,8 +35,8 @@ base 2 with ``-inf`` (empty rows) turned into ``+inf`` so that their ``P`` is 0.
 The op is registered with ``torch.library`` (``maskc::attention`` and its
 backward) with fake implementations, so it runs under ``torch.compile``
 without a graph break. The compiled mask travels to the op as an integer
-handle; its tables and mask arguments are device tensors built once per mask
-and device (``Plan``).
+handle; its block lists and mask arguments are device tensors built once per
+mask and device (``Plan``).
 
 Kernels are specialised on the mask's structure: the generated predicate's
 text, the tile config and the dtypes. Sequence lengths are not specialised
@@ -61,11 +63,11 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from . import tuning
+from .block_lists import BlockLists, expand, nonempty
 from .predicate import FUNCTION_NAME, mask_code
 
-STEP_FULL = tl.constexpr(0)
-STEP_BOUNDED = tl.constexpr(1)
-STEP_PARTIAL = tl.constexpr(2)
+FULL = tl.constexpr(2)  # the tile kinds' values in ``CompiledMask.block_kinds``
+PARTIAL = tl.constexpr(1)
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
 
@@ -94,12 +96,16 @@ def _store_tile(base, value, rows, n_rows, stride_row, stride_col, N_COLS: tl.co
 
 
 @triton.jit
-def _run_span(runs, r, TABLE_BLOCK: tl.constexpr, length, STEP: tl.constexpr):
-    """Positions ``[lo, hi)`` of run ``r`` (table blocks of ``TABLE_BLOCK``) clipped to
-    ``length``, and ``even``: the end of the steps of ``STEP`` that lie wholly inside."""
-    lo = tl.load(runs + 2 * r) * TABLE_BLOCK
-    hi = tl.minimum(tl.load(runs + 2 * r + 1) * TABLE_BLOCK, length)
-    return lo, lo + (hi - lo) // STEP * STEP, hi
+def _list_span(ptr, at):
+    """``[lo, hi)``: where one group's list lies in its index array."""
+    return tl.load(ptr + at), tl.load(ptr + at + 1)
+
+
+@triton.jit
+def _step_start(blocks, step, TABLE_BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """First position of kernel step ``step`` of a list: ``TABLE_BLOCK // STEP`` steps a listed block."""
+    SUBS: tl.constexpr = TABLE_BLOCK // STEP
+    return tl.multiple_of(tl.load(blocks + step // SUBS) * TABLE_BLOCK + (step % SUBS) * STEP, STEP)
 
 
 @triton.jit
@@ -108,7 +114,7 @@ def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, B
     """This program's slot, table query block (-1: no work) and first row."""
     SUBS: tl.constexpr = BQ // BLOCK_M
     slot = tl.load(head_slot + head % n_mask_heads)
-    task = tl.program_id(1)
+    task = tl.program_id(0)
     active = task // SUBS < tl.load(n_active + slot)
     qb = tl.load(order + slot * n_q_blocks + task // SUBS, mask=active, other=-1)
     return slot, qb, qb * BQ + (task % SUBS) * BLOCK_M
@@ -116,31 +122,33 @@ def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, B
 
 # -- forward ------------------------------------------------------------------------
 @triton.jit
-def _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, pattern,
-               partial_mask: tl.constexpr, MODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+def _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+               partial_mask: tl.constexpr, KIND: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over keys ``[lo, hi)``, ``BLOCK_N`` at a time."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, MODE != STEP_FULL)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MODE == STEP_PARTIAL:
-            allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
-                                   patterns, pattern, BQ, BK)
-            s = tl.where(allowed, s, float("-inf"))
-        elif MODE == STEP_BOUNDED:
-            s = tl.where(offs_n[None, :] < kv_len, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MODE == STEP_FULL:
+    """Online softmax over the key blocks ``blocks[lo:hi]``, ``BLOCK_N`` keys a step.
+    ``qk_scale >= 0``: FULL tiles scale each row's maximum, and their scores in one FMA."""
+    SUBS: tl.constexpr = BK // BLOCK_N
+    for step in range(lo * SUBS, hi * SUBS):
+        offs_n = _step_start(blocks, step, BK, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, KIND == PARTIAL)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if KIND == FULL:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_ref = m_new
-        else:  # a row with nothing allowed so far keeps m = -inf; exponentiate against 0 instead
+            p = tl.math.exp2(s * qk_scale - m_ref[:, None])
+        else:
+            allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
+                                   patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            s = tl.where(allowed, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing allowed so far keeps m = -inf; exponentiate against 0 instead
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MODE != STEP_FULL)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -152,13 +160,13 @@ def _attn_fwd(Q, K, V, Out, Lse,
               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
               n_heads, group, q_len, kv_len, qk_scale,
               head_slot, n_mask_heads, order, n_active, n_q_blocks,
-              full_ptr, full_runs, part_ptr, part_runs, part_pattern, mask_args, args_width, mask_data, patterns,
+              full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
               partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
     slot, qb, start_m = _query_program(h, head_slot, n_mask_heads, order, n_active, n_q_blocks, BQ, BLOCK_M)
     if (qb < 0) | (start_m >= q_len):
@@ -174,23 +182,17 @@ def _attn_fwd(Q, K, V, Out, Lse,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    group_at = slot * (n_q_blocks + 1) + qb
-    for r in range(tl.load(full_ptr + group_at), tl.load(full_ptr + group_at + 1)):
-        lo, even, hi = _run_span(full_runs, r, BK, kv_len, BLOCK_N)
-        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, lo, even, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1,
-                                   partial_mask, STEP_FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
-                                   PRECISION)
-        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, even, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1,
-                                   partial_mask, STEP_BOUNDED, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
-                                   PRECISION)
-    for r in range(tl.load(part_ptr + group_at), tl.load(part_ptr + group_at + 1)):
-        lo, even, hi = _run_span(part_runs, r, BK, kv_len, BLOCK_N)
-        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-                                   tl.load(part_pattern + r), partial_mask, STEP_PARTIAL, BQ, BK, BLOCK_N, HEAD_D,
-                                   BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    at = slot * (n_q_blocks + 1) + qb
+    lo, hi = _list_span(full_ptr, at)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data,
+                               patterns, partial_mask, FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                               PRECISION)
+    lo, hi = _list_span(part_ptr, at)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data,
+                               patterns, partial_mask, PARTIAL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                               PRECISION)
 
     empty = l_i == 0.0  # rows with no allowed key: output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -224,23 +226,22 @@ def _bwd_prepare(Out, dOut, Lse, dLse, Lse2, Delta,
 
 
 @triton.jit
-def _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, pattern,
-              partial_mask: tl.constexpr, MODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+def _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+              partial_mask: tl.constexpr, KIND: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """``dQ += dS K`` over keys ``[lo, hi)`` with ``dS = P * (dO V^T - delta)``."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, MODE != STEP_FULL)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MODE != STEP_FULL)
+    """``dQ += dS K`` over the key blocks ``blocks[lo:hi]``, with ``dS = P * (dO V^T - delta)``."""
+    SUBS: tl.constexpr = BK // BLOCK_N
+    for step in range(lo * SUBS, hi * SUBS):
+        offs_n = _step_start(blocks, step, BK, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, KIND == PARTIAL)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        if MODE == STEP_PARTIAL:
+        if KIND == PARTIAL:
             allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
-                                   patterns, pattern, BQ, BK)
+                                   patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
             p = tl.where(allowed, p, 0.0)
-        elif MODE == STEP_BOUNDED:
-            p = tl.where(offs_n[None, :] < kv_len, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -254,13 +255,13 @@ def _attn_bwd_dq(Q, K, V, dOut, Lse2, Delta, dQ,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  n_heads, group, q_len, kv_len, qk_scale, scale,
                  head_slot, n_mask_heads, order, n_active, n_q_blocks,
-                 full_ptr, full_runs, part_ptr, part_runs, part_pattern, mask_args, args_width, mask_data, patterns,
+                 full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
                  partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
     slot, qb, start_m = _query_program(h, head_slot, n_mask_heads, order, n_active, n_q_blocks, BQ, BLOCK_M)
     if (qb < 0) | (start_m >= q_len):
@@ -279,47 +280,43 @@ def _attn_bwd_dq(Q, K, V, dOut, Lse2, Delta, dQ,
     delta = tl.load(Delta + rows, mask=offs_m < q_len, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    group_at = slot * (n_q_blocks + 1) + qb
-    for r in range(tl.load(full_ptr + group_at), tl.load(full_ptr + group_at + 1)):
-        lo, even, hi = _run_span(full_runs, r, BK, kv_len, BLOCK_N)
-        dq = _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       lo, even, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1, partial_mask,
-                       STEP_FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
-        dq = _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       even, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, -1, partial_mask,
-                       STEP_BOUNDED, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
-    for r in range(tl.load(part_ptr + group_at), tl.load(part_ptr + group_at + 1)):
-        lo, even, hi = _run_span(part_runs, r, BK, kv_len, BLOCK_N)
-        dq = _dq_steps(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, tl.load(part_pattern + r),
-                       partial_mask, STEP_PARTIAL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    at = slot * (n_q_blocks + 1) + qb
+    lo, hi = _list_span(full_ptr, at)
+    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+                   partial_mask, FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    lo, hi = _list_span(part_ptr, at)
+    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+                   partial_mask, PARTIAL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
     _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq * scale, offs_m, q_len,
                 stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, lse2_base, delta_base, stride_qm, stride_qd,
-                stride_dom, stride_dod, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, pattern,
-                partial_mask: tl.constexpr, MODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, lse2_base, delta_base, stride_qm, stride_qd,
+                stride_dom, stride_dod, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data,
+                patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                 BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """``dV += P^T dO`` and ``dK += dS^T Q`` over queries ``[lo, hi)``, in the transposed
-    orientation (keys down, queries across). Queries past the end load as zero with
-    ``lse2 = +inf``, so their ``P`` is 0 without a mask."""
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, MODE != STEP_FULL)
-        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, MODE != STEP_FULL)
-        if MODE == STEP_FULL:
+    """``dV += P^T dO`` and ``dK += dS^T Q`` over the query blocks ``blocks[lo:hi]``, in the
+    transposed orientation (keys down, queries across). Queries past the end load as zero
+    with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
+    SUBS: tl.constexpr = BQ // BLOCK_M
+    for step in range(lo * SUBS, hi * SUBS):
+        offs_m = _step_start(blocks, step, BQ, BLOCK_M) + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, KIND == PARTIAL)
+        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
+        if KIND == FULL:
             lse2 = tl.load(lse2_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         else:
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
-        if MODE == STEP_PARTIAL:
+        if KIND == PARTIAL:
             allowed = partial_mask(offs_m[None, :], offs_n[:, None], q_len, kv_len, mask_args, mask_data,
-                                   patterns, pattern, BQ, BK)
+                                   patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
             p_t = tl.where(allowed, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -335,16 +332,16 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    n_heads, n_kv_heads, group, q_len, kv_len, qk_scale, scale,
                    head_slot, n_mask_heads, kv_order, n_kv_blocks,
-                   full_ptr, full_runs, part_ptr, part_runs, part_pattern, mask_args, args_width, mask_data, patterns,
+                   full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
                    partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
     tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
     SUBS: tl.constexpr = BK // BLOCK_N
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    task = tl.program_id(1)
+    task = tl.program_id(0)
     kb = tl.load(kv_order + task // SUBS)
     start_n = kb * BK + (task % SUBS) * BLOCK_N
     if start_n >= kv_len:
@@ -363,23 +360,17 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row_base = (b * n_heads + h).to(tl.int64) * q_len
-        group_at = slot * (n_kv_blocks + 1) + kb
-        for r in range(tl.load(full_ptr + group_at), tl.load(full_ptr + group_at + 1)):
-            lo, even, hi = _run_span(full_runs, r, BQ, q_len, BLOCK_M)
-            dk, dv = _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, lo, even, q_len, kv_len, qk_scale,
-                                 slot_args, mask_data, patterns, -1, partial_mask, STEP_FULL, BQ, BK, BLOCK_M,
-                                 HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
-            dk, dv = _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, even, hi, q_len, kv_len, qk_scale,
-                                 slot_args, mask_data, patterns, -1, partial_mask, STEP_BOUNDED, BQ, BK, BLOCK_M,
-                                 HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
-        for r in range(tl.load(part_ptr + group_at), tl.load(part_ptr + group_at + 1)):
-            lo, even, hi = _run_span(part_runs, r, BQ, q_len, BLOCK_M)
-            dk, dv = _dkdv_steps(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, lo, hi, q_len, kv_len, qk_scale,
-                                 slot_args, mask_data, patterns, tl.load(part_pattern + r), partial_mask,
-                                 STEP_PARTIAL, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        at = slot * (n_kv_blocks + 1) + kb
+        lo, hi = _list_span(full_ptr, at)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base, stride_qm,
+                             stride_qd, stride_dom, stride_dod, full_idx, part_pattern, lo, hi, q_len, kv_len,
+                             qk_scale, slot_args, mask_data, patterns, partial_mask, FULL, BQ, BK, BLOCK_M, HEAD_D,
+                             BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        lo, hi = _list_span(part_ptr, at)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base, stride_qm,
+                             stride_qd, stride_dom, stride_dod, part_idx, part_pattern, lo, hi, q_len, kv_len,
+                             qk_scale, slot_args, mask_data, patterns, partial_mask, PARTIAL, BQ, BK, BLOCK_M, HEAD_D,
+                             BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
     _store_tile(dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, dk * scale, offs_n, kv_len,
                 stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
     _store_tile(dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, dv, offs_n, kv_len,
@@ -412,19 +403,15 @@ def _predicate(source: str):
     return _predicates[source]
 
 
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or one zero of its dtype where it is empty (a kernel pointer needs storage)."""
-    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
-
-
 @dataclass(frozen=True)
 class Plan:
     """What the launches of one compiled mask on one device need, built once."""
 
     source: str
     head_slot: torch.Tensor  # int32[H_mask]
-    forward: dict  # forward IndexTable fields, on the device
-    backward: dict  # backward IndexTable fields
+    forward: BlockLists  # per query block: its FULL and PARTIAL key blocks
+    backward: BlockLists  # per key block: its FULL and PARTIAL query blocks
+    q_order: torch.Tensor  # int32[S, nQ]: query blocks by decreasing work, per slot
     n_active_q: torch.Tensor  # int32[S]: query blocks with work, per slot
     max_active_q: int
     queries_covered: bool  # every query block of every slot has work: outputs need no zero fill
@@ -446,24 +433,25 @@ def _build_plan(cm, device: torch.device) -> Plan:
     n_active_q = (fwd_work > 0).sum(axis=1)
     kv_work = table.backward.work.numpy().sum(axis=0)
     kv_order = np.argsort(-kv_work, kind="stable")[: int((kv_work > 0).sum())]
+    bq, bk = cm.block_size
 
-    def on_device(index_table) -> dict:
-        return {name: _nonempty(getattr(index_table, name).contiguous().to(device))
-                for name in ("full_ptr", "full_runs", "part_ptr", "part_runs", "part_pattern", "order")}
+    def ragged(length: int, block: int) -> int:
+        return length // block if length % block else -1
 
     return Plan(
         source=code.source,
         head_slot=table.head_slot.to(device),
-        forward=on_device(table.forward),
-        backward=on_device(table.backward),
+        forward=expand(table.forward, ragged(cm.kv_len, bk)).to(device),
+        backward=expand(table.backward, ragged(cm.q_len, bq)).to(device),
+        q_order=table.forward.order.contiguous().to(device),
         n_active_q=torch.from_numpy(n_active_q.astype(np.int32)).to(device),
         max_active_q=int(n_active_q.max(initial=0)),
         queries_covered=bool((n_active_q == cm.n_q_blocks).all()),
-        kv_order=_nonempty(torch.from_numpy(kv_order.astype(np.int32)).to(device)),
+        kv_order=nonempty(torch.from_numpy(kv_order.astype(np.int32)).to(device)),
         keys_covered=len(kv_order) == cm.n_kv_blocks,
         mask_args=torch.from_numpy(code.args).to(device),
         mask_data=torch.from_numpy(code.data).to(device),
-        patterns=_nonempty(table.patterns.to(torch.uint8).contiguous().to(device)),
+        patterns=nonempty(table.patterns.to(torch.uint8).contiguous().to(device)),
     )
 
 
@@ -540,21 +528,23 @@ def _shared(cm, plan: Plan, q, v) -> dict:
 
 
 def _forward(cm, q, k, v, scale: float):
+    if scale < 0:  # the kernel needs scale >= 0 (see _fwd_tiles); softmax(scale * q k^T) is unchanged
+        q, scale = -q, -scale
     plan = plan_for(cm, q.device)
     batch, n_heads, q_len, _ = q.shape
     out = _output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device, plan.queries_covered)
     lse = _output(q.shape[:-1], torch.float32, q.device, plan.queries_covered, fill=-math.inf)
     if plan.max_active_q == 0:
         return out, lse
-    table = plan.forward
+    lists = plan.forward
 
     def launch(config: tuning.TileConfig) -> None:
-        grid = (batch * n_heads, plan.max_active_q * (cm.block_size[0] // config.block_m))
+        grid = (plan.max_active_q * (cm.block_size[0] // config.block_m), batch * n_heads)
         _attn_fwd[grid](
             q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n_heads, n_heads // k.shape[1], q_len, cm.kv_len, scale * LOG2E.value,
-            plan.head_slot, len(plan.head_slot), table["order"], plan.n_active_q, cm.n_q_blocks,
-            table["full_ptr"], table["full_runs"], table["part_ptr"], table["part_runs"], table["part_pattern"],
+            plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
+            lists.full_ptr, lists.full_idx, lists.part_ptr, lists.part_idx, lists.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
             num_stages=config.num_stages, **_shared(cm, plan, q, v),
@@ -587,24 +577,24 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
     fwd, bwd = plan.forward, plan.backward
 
     def launch_dq(config: tuning.TileConfig) -> None:
-        grid = (batch * n_heads, plan.max_active_q * (cm.block_size[0] // config.block_m))
+        grid = (plan.max_active_q * (cm.block_size[0] // config.block_m), batch * n_heads)
         _attn_bwd_dq[grid](
             q, k, v, d_out, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
             n_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale, scale,
-            plan.head_slot, len(plan.head_slot), fwd["order"], plan.n_active_q, cm.n_q_blocks,
-            fwd["full_ptr"], fwd["full_runs"], fwd["part_ptr"], fwd["part_runs"], fwd["part_pattern"],
+            plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
+            fwd.full_ptr, fwd.full_idx, fwd.part_ptr, fwd.part_idx, fwd.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
             num_stages=config.num_stages, **shared,
         )
 
     def launch_dkdv(config: tuning.TileConfig) -> None:
-        grid = (batch * n_kv_heads, len(plan.kv_order) * (cm.block_size[1] // config.block_n))
+        grid = (len(plan.kv_order) * (cm.block_size[1] // config.block_n), batch * n_kv_heads)
         _attn_bwd_dkdv[grid](
             q, k, v, d_out, lse2, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(),
             *dk.stride(), *dv.stride(), n_heads, n_kv_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale,
             scale, plan.head_slot, len(plan.head_slot), plan.kv_order, cm.n_kv_blocks,
-            bwd["full_ptr"], bwd["full_runs"], bwd["part_ptr"], bwd["part_runs"], bwd["part_pattern"],
+            bwd.full_ptr, bwd.full_idx, bwd.part_ptr, bwd.part_idx, bwd.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
             num_stages=config.num_stages, **shared,

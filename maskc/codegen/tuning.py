@@ -52,13 +52,15 @@ DEFAULTS_16BIT = {
     ("dq", 64): TileConfig(64, 64, 4, 2),
     ("dq", 128): TileConfig(64, 64, 4, 2),
     ("dq", 256): TileConfig(64, 32, 4, 2),
-    # dK/dV keeps two [BLOCK_N, head dim] float32 accumulators live: narrow query steps
-    # (BLOCK_M 32) with 4 warps avoid register spills (H200, causal 32K, hd 128: 372 useful
-    # TFLOP/s against 283 for 64 x 128 with 8 warps)
+    # dK/dV keeps two [BLOCK_N, head dim] float32 accumulators live. Walking per-tile lists (one
+    # loop per tile kind) leaves 64 x 128 with 8 warps almost free of spills (ptxas: 0 to 144
+    # bytes against about 1100 for the run-walking kernels), and it is the fastest at hd 128
+    # (H200, 128K, whole backward in useful TFLOP/s: causal 371, doc-causal 263, window 275,
+    # against 354 / 250 / 271 for 32 x 64 with 4 warps; bench/RESULTS.md)
     ("dkdv", 16): TileConfig(32, 64, 4, 3),
     ("dkdv", 32): TileConfig(32, 64, 4, 3),
     ("dkdv", 64): TileConfig(32, 64, 4, 3),
-    ("dkdv", 128): TileConfig(32, 64, 4, 3),
+    ("dkdv", 128): TileConfig(64, 128, 8, 3),
     ("dkdv", 256): TileConfig(16, 32, 4, 2),
 }
 
@@ -72,14 +74,16 @@ DEFAULTS_32BIT = {
 #: Under ``TRITON_INTERPRET=1`` (CPU tests) the smallest tiles are the fastest.
 INTERPRETER = TileConfig(16, 16, 1, 1)
 
-#: What ``MASKC_AUTOTUNE=1`` tries, before ``fit`` (duplicates after fitting are timed once).
+#: What ``MASKC_AUTOTUNE=1`` tries, before ``fit`` (duplicates after fitting are timed once);
+#: each compiles for sm_90 with no or few register spills on the generated predicates of
+#: bench/gpu_bench.py (ptxas -v, triton 3.6).
 CANDIDATES = {
-    "forward": [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
-                TileConfig(128, 32, 4, 3), TileConfig(64, 64, 4, 3)],
-    "dq": [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 3), TileConfig(128, 32, 4, 3),
-           TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 3)],
-    "dkdv": [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 8, 3), TileConfig(32, 64, 4, 3),
-             TileConfig(32, 128, 8, 3), TileConfig(64, 64, 4, 2)],
+    "forward": [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2),
+                TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3)],
+    "dq": [TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 2), TileConfig(128, 64, 8, 3),
+           TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)],
+    "dkdv": [TileConfig(32, 64, 4, 3), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 8, 3),
+             TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 3)],
 }
 
 _tuned: dict[tuple, TileConfig] = {}
