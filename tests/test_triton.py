@@ -282,3 +282,32 @@ def test_a_config_short_of_shared_memory_falls_back_to_a_smaller_one(monkeypatch
     x = torch.randn(1, 1, 40, 16)
     cm(x, x, x, backend="triton")  # the config that fitted is remembered
     assert tried == [(32, 2), (32, 1), (32, 1)]
+
+
+def test_backward_works_after_the_compiled_mask_is_dropped():
+    """``maskc.compile(spec)(q, k, v)`` used inline: the graph keeps the mask alive."""
+    import gc
+
+    spec = maskc.Spec(q_len=20, kv_len=20, mask=maskc.Causal())
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    out = maskc.compile(spec, block_size=16)(q, k, v, backend="triton")
+    gc.collect()
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_documents_placed_by_kv_start_leave_earlier_keys_unmatched():
+    """A ring tile's document starting at ``kv_start``: keys before it are in no
+    document and must not match query padding (the GPU ring check caught this)."""
+    spec = maskc.Spec(q_len=40, kv_len=128, mask=maskc.Documents(
+        lengths=[29], kv_lengths=[89], inner=maskc.Causal(offset=89), kv_start=39))
+    cm = maskc.compile(spec, block_size=32)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 40, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(2))
+    got = cm(q, k, v, return_lse=True, backend="triton")
+    want = cm(q, k, v, return_lse=True, backend="reference")
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad(got[0].sum(), (q, k, v)), torch.autograd.grad(want[0].sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -163,7 +163,7 @@ def _documents(em, m: ir.Documents, scope):
     doc_of_q = np.searchsorted(q_start, np.arange(n_q), side="right") - 1
     doc_of_k = np.searchsorted(k_start, np.arange(n_k), side="right") - 1
     last = len(m.lengths) - 1
-    q_doc, k_doc = np.minimum(doc_of_q, last), np.minimum(doc_of_k, last)
+    q_doc, k_doc = np.clip(doc_of_q, 0, last), np.clip(doc_of_k, 0, last)
     lengths = np.asarray(m.lengths, dtype=np.int64)[q_doc]
     key_lengths = np.asarray(m.key_lengths, dtype=np.int64)[q_doc]
     inner = Scope(
@@ -176,9 +176,10 @@ def _documents(em, m: ir.Documents, scope):
     inner_allowed = em.emit(m.inner, inner)
     if inner_allowed == "False":
         return "False"
-    # padding is -1 on the query side and -2 on the key side, so it never matches
-    q_id = em.gather(np.where(doc_of_q <= last, doc_of_q, -1), scope.i(), -1)
-    k_id = em.gather(np.where(doc_of_k <= last, doc_of_k, -2), scope.j(), -2)
+    # positions in no document (before q_start/kv_start, or past the last one) are -1 on
+    # the query side and -2 on the key side, so they never match
+    q_id = em.gather(np.where((doc_of_q >= 0) & (doc_of_q <= last), doc_of_q, -1), scope.i(), -1)
+    k_id = em.gather(np.where((doc_of_k >= 0) & (doc_of_k <= last), doc_of_k, -2), scope.j(), -2)
     return _and(em, [em.var(f"{q_id} == {k_id}"), inner_allowed])
 
 

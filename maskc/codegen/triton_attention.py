@@ -655,6 +655,9 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mask, ctx.scale = mask, scale
+    # the registry holds compiled masks weakly: the graph keeps this one alive until its
+    # backward has run (``maskc.compile(spec)(q, k, v).sum().backward()`` frees it otherwise)
+    ctx.compiled_mask = _mask(mask)
 
 
 def _attention_grad(ctx, d_out, d_lse):
