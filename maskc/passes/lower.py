@@ -41,7 +41,7 @@ class Bounds:
 
 
 @dataclass(frozen=True)
-class Rows:
+class RowScope:
     """The rows being lowered: local query index and the scope of each row."""
 
     i: np.ndarray
@@ -53,7 +53,7 @@ class Rows:
         return len(self.i)
 
 
-def lower(mask: ir.Mask, rows: Rows, memo: dict | None = None) -> Bounds:
+def lower(mask: ir.Mask, rows: RowScope, memo: dict | None = None) -> Bounds:
     """``Bounds`` of ``mask`` on ``rows``, in the scope's local key coordinates."""
     memo = {} if memo is None else memo
     key = mask
@@ -66,37 +66,37 @@ def _exact(rows: iv.Rows) -> Bounds:
     return Bounds(rows)
 
 
-def _diagonal(align, rows: Rows):
+def _diagonal(align, rows: RowScope):
     return rows.i + (rows.kv_len - rows.q_len if align == "bottom_right" else 0)
 
 
-def _causal(m: ir.Causal, rows: Rows, memo) -> Bounds:
+def _causal(m: ir.Causal, rows: RowScope, memo) -> Bounds:
     return _exact(iv.span(0, np.minimum(_diagonal(m.align, rows) + m.offset + 1, rows.kv_len), rows.n))
 
 
-def _window(m: ir.SlidingWindow, rows: Rows, memo) -> Bounds:
+def _window(m: ir.SlidingWindow, rows: RowScope, memo) -> Bounds:
     centre = _diagonal(m.align, rows)
     lo = 0 if m.left is None else np.maximum(centre - m.left, 0)
     hi = rows.kv_len if m.right is None else np.minimum(centre + m.right + 1, rows.kv_len)
     return _exact(iv.span(lo, hi, rows.n))
 
 
-def _chunked(m: ir.Chunked, rows: Rows, memo) -> Bounds:
+def _chunked(m: ir.Chunked, rows: RowScope, memo) -> Bounds:
     lo = rows.i // m.size * m.size
     return _exact(iv.span(lo, np.minimum(lo + m.size, rows.kv_len), rows.n))
 
 
-def _prefix(m: ir.Prefix, rows: Rows, memo) -> Bounds:
+def _prefix(m: ir.Prefix, rows: RowScope, memo) -> Bounds:
     return _exact(iv.span(0, np.minimum(m.length, rows.kv_len), rows.n))
 
 
-def _range(m: ir.Range, rows: Rows, memo) -> Bounds:
+def _range(m: ir.Range, rows: RowScope, memo) -> Bounds:
     (a, b), (c, d) = m.q, m.kv
     inside = (rows.i >= a) & (rows.i < b)
     return _exact(iv.span(c, np.where(inside, np.minimum(d, rows.kv_len), 0), rows.n))
 
 
-def _documents(m: ir.Documents, rows: Rows, memo) -> Bounds:
+def _documents(m: ir.Documents, rows: RowScope, memo) -> Bounds:
     q_start, k_start = m.starts()
     doc = np.searchsorted(q_start, rows.i, side="right") - 1
     inside = (doc >= 0) & (rows.i < q_start[-1])
@@ -105,7 +105,7 @@ def _documents(m: ir.Documents, rows: Rows, memo) -> Bounds:
     doc = doc[at]
     lq = np.asarray(m.lengths, dtype=np.int64)[doc]
     lk = np.asarray(m.key_lengths, dtype=np.int64)[doc]
-    local = Rows(rows.i[at] - q_start[doc], lq, lk)
+    local = RowScope(rows.i[at] - q_start[doc], lq, lk)
     inner = lower(m.inner, local, {})
 
     def place(form: iv.Rows) -> iv.Rows:
@@ -117,7 +117,7 @@ def _documents(m: ir.Documents, rows: Rows, memo) -> Bounds:
     return Bounds(place(inner.sure), place(inner.maybe))
 
 
-def _opaque(m, rows: Rows, memo) -> Bounds:
+def _opaque(m, rows: RowScope, memo) -> Bounds:
     return Bounds(iv.empty_rows(rows.n), iv.span(0, rows.kv_len, rows.n))
 
 
@@ -130,7 +130,7 @@ def _empty(m, rows, memo):
 
 
 def _fold(combine, identity):
-    def rule(m, rows: Rows, memo) -> Bounds:
+    def rule(m, rows: RowScope, memo) -> Bounds:
         if not m.of:
             return identity(m, rows, memo)
         out = lower(m.of[0], rows, memo)
@@ -143,7 +143,7 @@ def _fold(combine, identity):
     return rule
 
 
-def _not(m: ir.Not, rows: Rows, memo) -> Bounds:
+def _not(m: ir.Not, rows: RowScope, memo) -> Bounds:
     b = lower(m.of, rows, memo)
     if b.exact:
         return _exact(iv.complement(b.sure, rows.kv_len))
@@ -170,7 +170,7 @@ _RULES = {
 def lower_spec_head(mask: ir.Mask, q_len: int, kv_len: int) -> Bounds:
     """``Bounds`` of one head's expression over all ``q_len`` rows of the spec."""
     n = q_len
-    rows = Rows(np.arange(n, dtype=np.int64), np.full(n, q_len, dtype=np.int64), np.full(n, kv_len, dtype=np.int64))
+    rows = RowScope(np.arange(n, dtype=np.int64), np.full(n, q_len, dtype=np.int64), np.full(n, kv_len, dtype=np.int64))
     return lower(mask, rows)
 
 
