@@ -21,7 +21,9 @@ training steps with new document lengths each step. The short table comes last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib
 import math
 import os
 import platform
@@ -38,10 +40,11 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskc  # noqa: E402 - after the path setup, to bench this checkout
-from maskc.codegen import triton_attention, tuning  # noqa: E402
+from maskc.codegen import block_lists, triton_attention, tuning  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
 WINDOW, CHUNK, PREFIX = 1024, 8192, 2048
+WHOLE_ERRORS_UP_TO = 16384  # tokens; the float32 reference of the whole problem holds a dense mask
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## GPU kernels (issue 3)"
 
@@ -189,41 +192,135 @@ def check_case(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> t
     return (name, *errors, nan)
 
 
-def tune(sizes, names, report: list) -> None:
-    """Per mask and size: both tools with maskc's default tiles, then each kernel's
-    ``tuning.CANDIDATES`` (the other two kernels at their defaults); median useful TFLOP/s."""
+def one_list(direction, ragged_entry):
+    """``block_lists.expand`` with every FULL tile moved to the PARTIAL lists (pattern -1: the
+    generated predicate, true on a FULL tile): one pipelined loop per group instead of two."""
+    lists = block_lists.expand(direction, ragged_entry)
+    n_slots, n_groups = lists.full_ptr.shape[0], lists.full_ptr.shape[1] - 1
+
+    def owners(ptr):
+        return np.repeat(np.arange(n_slots * n_groups), np.diff(ptr.numpy(), axis=1).ravel())
+
+    owner = np.concatenate([owners(lists.full_ptr), owners(lists.part_ptr)])
+    entry = np.concatenate([lists.full_idx.numpy(), lists.part_idx.numpy()])
+    pattern = np.concatenate([np.full(len(lists.full_idx), -1), lists.part_pattern.numpy()])
+    order = np.lexsort((entry, owner))
+    as_int32 = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))  # noqa: E731
+    return block_lists.BlockLists(
+        full_ptr=torch.zeros_like(lists.full_ptr), full_idx=torch.zeros(0, dtype=torch.int32),
+        part_ptr=block_lists._csr(owner[order], n_slots, n_groups), part_idx=as_int32(entry[order]),
+        part_pattern=as_int32(pattern[order]))
+
+
+@contextlib.contextmanager
+def variant(configs=(), order_by_work=False, single_loop=False):
+    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), query/key
+    blocks launched by decreasing work alone (the order before launch bands), or every tile
+    walked by the PARTIAL loop (``one_list``)."""
+    saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
+    for kernel, config in configs:  # for masks of long and short rows alike
+        tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
+    tables = importlib.import_module("maskc.passes.tables")  # the module; ``maskc.passes.tables`` is the pass
+    def by_work(work):
+        return np.lexsort((np.arange(len(work)), -work))
+
+    patches = [(tables, "launch_order", by_work), (triton_attention, "launch_order", by_work)] * order_by_work
+    patches += [(triton_attention, "expand", one_list)] * single_loop
+    originals = [getattr(module, name) for module, name, _ in patches]
+    for module, name, replacement in patches:
+        setattr(module, name, replacement)
+    triton_attention._fitted.clear()
+    try:
+        yield
+    finally:
+        for table, before in zip((tuning.DEFAULTS_16BIT, tuning.SHORT_ROWS_16BIT), saved):
+            table.clear()
+            table.update(before)
+        for (module, name, _), original in zip(patches, originals):
+            setattr(module, name, original)
+        triton_attention._fitted.clear()
+
+
+T = tuning.TileConfig
+#: Whole-set variants: (table block size, kernel configs), timed in both passes.
+TILE_SETS = {
+    "set short rows": (128, [("forward", T(64, 64, 4, 3)), ("dq", T(128, 64, 8, 3)), ("dkdv", T(64, 128, 8, 2))]),
+    "set long rows": (128, [("forward", T(128, 128, 8, 3)), ("dq", T(128, 64, 8, 3)), ("dkdv", T(64, 128, 8, 3))]),
+    "set table 64x128": ((64, 128), [("forward", T(64, 64, 4, 3)), ("dq", T(64, 64, 4, 3)),
+                                     ("dkdv", T(64, 128, 8, 2))]),
+    "set table 64": (64, [("forward", T(64, 64, 4, 3)), ("dq", T(64, 64, 4, 3)), ("dkdv", T(64, 64, 4, 3))]),
+}
+
+
+def variants() -> dict:
+    """name -> (table block size, variant arguments, passes it changes)."""
+    out = {"defaults": (128, {}, "fwd bwd"), "order by work": (128, dict(order_by_work=True), "fwd bwd"),
+           "one loop": (128, dict(single_loop=True), "fwd bwd")}
+    out.update({name: (block, dict(configs=configs), "fwd bwd") for name, (block, configs) in TILE_SETS.items()})
+    for kernel in tuning.KERNELS:  # each candidate for masks of long and short rows alike
+        for config in tuning.CANDIDATES[kernel]:
+            out[f"{kernel} {tiles(config)}"] = (128, dict(configs=[(kernel, config)]),
+                                                "fwd" if kernel == "forward" else "bwd")
+    return out
+
+
+def tune(sizes, names, chosen, report: list) -> None:
+    """Per mask and size: FlexAttention and maskc's defaults, then each chosen variant
+    (``variants()``) in the passes it changes; median useful TFLOP/s."""
     def add(*row) -> None:
         report.append(row)
         print(*row, flush=True)
 
     rng = np.random.default_rng(0)
+    every = variants()
     for length in sizes:
         q, k, v = inputs(length, length)
         for name, (mask, mask_mod) in masks(length, rng, names).items():
-            cm = maskc.compile(maskc.Spec(q_len=length, kv_len=length, mask=mask))
+            spec = maskc.Spec(q_len=length, kv_len=length, mask=mask)
             bm = block_mask(mask_mod, length, length)
-            pairs = cm.allowed_pairs()
-            for tool, attend in (("flex", lambda q, k, v: flex(q, k, v, block_mask=bm)), ("maskc", cm)):
-                fwd, bwd = time_fwd_bwd(attend, q, k, v)
-                add(name, length, tool, "defaults", tflops(pairs, fwd), tflops(pairs, bwd, 2.5))
-            for kernel in tuning.KERNELS:
-                default = tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)]
-                for config in dict.fromkeys(tuning.CANDIDATES[kernel]):
-                    if config == default:
-                        continue
-                    tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = config
-                    triton_attention._fitted.clear()  # else the first config that fitted is kept
-                    out = cm(q, k, v)
-                    if kernel == "forward":
-                        speed = (tflops(pairs, ms(lambda: cm(q, k, v))), float("nan"))
-                    else:
+            pairs = maskc.compile(spec).allowed_pairs()
+            fwd, bwd = time_fwd_bwd(lambda q, k, v: flex(q, k, v, block_mask=bm), q, k, v)
+            add(name, length, "flex", "defaults", tflops(pairs, fwd), tflops(pairs, bwd, 2.5))
+            print(f"{name} {length}: maskc against flex, largest |difference| of out, dq, dk, dv:",
+                  agreement(maskc.compile(spec), lambda q, k, v: flex(q, k, v, block_mask=bm), q, k, v), flush=True)
+            for label in ["defaults"] + [c for c in chosen if c != "defaults"]:
+                block, arguments, passes = every[label]
+                with variant(**arguments):
+                    cm = maskc.compile(spec, block_size=block)  # inside: the launch order is in the tables
+                    speed = [float("nan"), float("nan")]
+                    if "fwd" in passes:
+                        speed[0] = tflops(pairs, ms(lambda: cm(q, k, v)))
+                    if "bwd" in passes:
+                        out = cm(q, k, v)
                         grad = torch.randn_like(out)
-                        speed = (float("nan"), tflops(pairs, ms(lambda: torch.autograd.grad(
-                            out, (q, k, v), grad, retain_graph=True)), 2.5))
-                    ran = [c for key, c in triton_attention._fitted.items() if key[0] == kernel]
-                    add(name, length, "maskc", f"{kernel} {tiles(ran[0] if ran else config)}", *speed)
-                tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = default
-                triton_attention._fitted.clear()
+                        speed[1] = tflops(pairs, ms(lambda: torch.autograd.grad(out, (q, k, v), grad,
+                                                                                 retain_graph=True)), 2.5)
+                    add(name, length, "maskc", label, *speed)
+
+
+def agreement(first, second, q, k, v) -> str:
+    """Largest absolute difference between two attention ops' outputs and gradients."""
+    results = []
+    for attend in (first, second):
+        out = attend(q, k, v)
+        grad = torch.ones_like(out) / math.sqrt(out.numel())
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    return ", ".join(f"{max_error(a, b):.2e}" for a, b in zip(*results))
+
+
+def profile(length: int, name: str) -> None:
+    """One forward and backward of each tool on one mask, after a warm-up: run under
+    ``ncu --clock-control none --launch-skip-before-match ...`` to read the kernels' counters."""
+    rng = np.random.default_rng(0)
+    q, k, v = inputs(length, length)
+    mask, mask_mod = masks(length, rng, [name])[name]
+    cm = maskc.compile(maskc.Spec(q_len=length, kv_len=length, mask=mask))
+    bm = block_mask(mask_mod, length, length)
+    for attend in (cm, lambda q, k, v: flex(q, k, v, block_mask=bm)):
+        for _ in range(2):  # the first call compiles, the second is the one to read
+            out = attend(q, k, v)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    torch.cuda.synchronize()
 
 
 def tiles(config: tuning.TileConfig) -> str:
@@ -234,10 +331,13 @@ def tune_table(report) -> str:
     out = ["| mask | tokens | tool | tiles | fwd TFLOP/s | bwd TFLOP/s | fwd / flex | bwd / flex |",
            "|---|---|---|---|---|---|---|---|"]
     flex_of = {(r[0], r[1]): r for r in report if r[2] == "flex"}
+    def cell(value: float, form: str) -> str:
+        return "–" if math.isnan(value) else format(value, form)
+
     for name, length, tool, tiles, fwd, bwd in report:
         ref = flex_of[name, length]
-        out.append(f"| {name} | {length // 1024}K | {tool} | {tiles} | {fwd:.0f} | {bwd:.0f} | {fwd / ref[4]:.2f}x | "
-                   f"{bwd / ref[5]:.2f}x |")
+        out.append(f"| {name} | {length // 1024}K | {tool} | {tiles} | {cell(fwd, '.0f')} | {cell(bwd, '.0f')} | "
+                   f"{cell(fwd / ref[4], '.2f')}x | {cell(bwd / ref[5], '.2f')}x |".replace("–x", "–"))
     return "\n".join(out)
 
 
@@ -260,7 +360,8 @@ def main_table(sizes, names, rows: list, errors: list) -> None:
                 err_mc = max_error(cm(q, k, v)[:, :, sample], want)
                 err_fx = max_error(flex(q, k, v, block_mask=bm)[:, :, sample], want)
             errors.append((name, length, "fwd rows", err_mc, err_fx))
-            if length == min(sizes):
+            print(*rows[-2], *rows[-1], flush=True)
+            if length == min(sizes) and length <= WHOLE_ERRORS_UP_TO:
                 errors.append((name, length, "fwd+bwd all", *whole_errors(spec, cm, bm, q, k, v)))
             if name == "causal":
                 for backend, label in ((SDPBackend.FLASH_ATTENTION, "sdpa-flash"), (SDPBackend.CUDNN_ATTENTION,
@@ -411,17 +512,17 @@ def tables(rows, errors, builds, checks) -> str:
 
 
 def write_results(text: str, command: str) -> None:
-    header = "# Benchmark results\n"
-    old = RESULTS.read_text() if RESULTS.exists() else header
-    section = (f"{SECTION}\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}  \n"
-               f"Machine: {machine()}  \nBatch 1, {HEADS} heads, head dim {HEAD_DIM}, bf16. maskc tables built for "
-               f"blocks of 128; kernel tiles per `maskc/codegen/tuning.py`.\n\n{text}\n")
+    """Add this run to bench/RESULTS.md as the first subsection of its section (earlier runs stay)."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    run = (f"### Run of {datetime.date.today().isoformat()}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
+           f"Batch 1, {HEADS} heads, head dim {HEAD_DIM}, bf16. maskc tables built for blocks of 128; kernel tiles "
+           f"per `maskc/codegen/tuning.py`.\n\n{text}\n\n")
     start = old.find(SECTION)
     if start < 0:
-        new = old.rstrip("\n") + "\n\n" + section
+        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n" + run
     else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + section + (old[end + 1:] if end >= 0 else "")
+        at = start + len(SECTION) + 2  # after the heading and its blank line
+        new = old[:at] + run + old[at:]
     RESULTS.write_text(new)
 
 
@@ -430,10 +531,23 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help="tokens (default 8192 32768 131072; --tune: 32768)")
     parser.add_argument("--masks", nargs="+", choices=MASKS, help="default all (--tune: causal)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--tune", action="store_true", help="time the tile configs of tuning.CANDIDATES")
+    parser.add_argument("--tune", action="store_true", help="time maskc's variants (tile configs and switches)")
+    parser.add_argument("--variants", nargs="+", help="with --tune: which (default all; --list-variants)")
+    parser.add_argument("--list-variants", action="store_true")
+    parser.add_argument("--profile", choices=MASKS, help="one fwd+bwd of each tool on this mask (for ncu)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "table", "ring", "build"])
     args = parser.parse_args()
+    if args.list_variants:
+        print("\n".join(variants()))
+        return
+    chosen = args.variants or list(variants())
+    unknown = set(chosen) - set(variants())
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; --list-variants lists them")
     print(machine(), flush=True)
+    if args.profile:
+        profile((args.sizes or [131072])[0], args.profile)
+        return
     if args.tune:
         checks, report = [], []
         if "checks" not in args.skip:
@@ -441,7 +555,7 @@ def main() -> None:
             print(tables([], [], [], checks), flush=True)
         print("defaults:", ", ".join(f"{kernel} {tiles(tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)])}"
                                      for kernel in tuning.KERNELS), flush=True)
-        tune(args.sizes or [32768], args.masks or ["causal"], report)
+        tune(args.sizes or [32768], args.masks or ["causal"], chosen, report)
         print(tune_table(report))
         return
     sizes, names = args.sizes or [8192, 32768, 131072], args.masks or MASKS

@@ -111,6 +111,15 @@ def test_every_predicate_kind_forward_and_backward(name):
     check(PREDICATE_SPECS[name])
 
 
+def test_backward_is_bitwise_repeatable():
+    # no atomics: dQ and dK/dV each have one writer per element
+    cm = maskc.compile(PREDICATE_SPECS["documents"], block_size=16)
+    q, k, v = (torch.randn(1, 2, 45, 16, requires_grad=True) for _ in range(3))
+    runs = [torch.autograd.grad(cm(q, k, v, backend="triton").sum(), (q, k, v)) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 def test_per_head_masks_of_several_structures_dispatch_per_slot():
     heads = [maskc.Causal(), maskc.Dense(values=rng.random((40, 40)) < 0.4),
              maskc.Documents(lengths=[9, 31]) & maskc.Causal(), maskc.SlidingWindow(left=3)]
@@ -137,6 +146,20 @@ def test_tiles_smaller_than_table_blocks(monkeypatch, tiles):
     spec = S(q_len=70, kv_len=90, mask=maskc.Documents(lengths=[30, 35], kv_lengths=[40, 45]) & maskc.Causal(
         align="bottom_right"))
     check(spec, block_size=(32, 64), heads=2, kv_heads=1)
+
+
+def test_masks_of_short_rows_take_their_own_tiles():
+    causal = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.Causal()), block_size=16)  # 32.5 tiles a row
+    window = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.SlidingWindow(left=100)), block_size=16)
+    assert not ta.plan_for(causal, torch.device("cpu")).short_rows
+    assert ta.plan_for(window, torch.device("cpu")).short_rows
+    gpu = torch.device("cuda")  # a device object needs no GPU
+    for kernel in tuning.KERNELS:
+        key = (kernel, 128)
+        assert tuning.default_config(kernel, gpu, torch.bfloat16, 128) == tuning.DEFAULTS_16BIT[key]
+        assert tuning.default_config(kernel, gpu, torch.bfloat16, 128, short_rows=True) == \
+            tuning.SHORT_ROWS_16BIT.get(key, tuning.DEFAULTS_16BIT[key])
+    assert tuning.default_config("forward", gpu, torch.float32, 128, short_rows=True) == tuning.DEFAULTS_32BIT["forward"]
 
 
 def test_float16():

@@ -18,12 +18,13 @@ EMPTY tiles are in no list and never visited.
 
 Grids. Forward and dQ: ``(programs, batch * q_heads)`` where program ``t``
 owns ``BLOCK_M`` rows of query block ``order[slot, t // (BQ // BLOCK_M)]``:
-only query blocks with work get a program, heaviest first. The first grid
+only query blocks with work get a program, in launch order (heavy bands of
+neighbouring blocks first, ``passes.tables.launch_order``). The first grid
 axis is the fast one, so the programs running at once mostly belong to one
 head and stream the same keys through L2. Rows of blocks with no work are
 filled with 0 (LSE ``-inf``) before the launch, and a mask with no allowed pair
 launches nothing. dK/dV: ``(programs, batch * kv_heads)``, one program per
-``BLOCK_N`` keys of the key blocks with work, heaviest first; it loops over
+``BLOCK_N`` keys of the key blocks with work, in launch order; it loops over
 the query heads sharing its key head (GQA/MQA), so dK/dV need no atomics, and
 keys nobody attends get 0.
 
@@ -63,6 +64,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from . import tuning
+from ..passes.tables import launch_order
 from .block_lists import BlockLists, expand, nonempty
 from .predicate import FUNCTION_NAME, mask_code
 
@@ -102,10 +104,14 @@ def _list_span(ptr, at):
 
 
 @triton.jit
-def _step_start(blocks, step, TABLE_BLOCK: tl.constexpr, STEP: tl.constexpr):
-    """First position of kernel step ``step`` of a list: ``TABLE_BLOCK // STEP`` steps a listed block."""
+def _step_start(blocks, step, end, TABLE_BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """First position of kernel step ``step`` of a list (0 past ``end``): ``TABLE_BLOCK // STEP``
+    steps a listed block. The loops compute it one step ahead and carry it, so that the loads of
+    a step depend on no load of the same step and the pipeliner can issue them
+    ``num_stages - 1`` steps early (with the index loaded in the step, only one)."""
     SUBS: tl.constexpr = TABLE_BLOCK // STEP
-    return tl.multiple_of(tl.load(blocks + step // SUBS) * TABLE_BLOCK + (step % SUBS) * STEP, STEP)
+    block = tl.load(blocks + step // SUBS, mask=step < end, other=0)
+    return tl.multiple_of(block * TABLE_BLOCK + (step % SUBS) * STEP, STEP)
 
 
 @triton.jit
@@ -130,8 +136,11 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, s
     """Online softmax over the key blocks ``blocks[lo:hi]``, ``BLOCK_N`` keys a step.
     ``qk_scale >= 0``: FULL tiles scale each row's maximum, and their scores in one FMA."""
     SUBS: tl.constexpr = BK // BLOCK_N
-    for step in range(lo * SUBS, hi * SUBS):
-        offs_n = _step_start(blocks, step, BK, BLOCK_N) + tl.arange(0, BLOCK_N)
+    end = hi * SUBS
+    start_n = _step_start(blocks, lo * SUBS, end, BK, BLOCK_N)
+    for step in range(lo * SUBS, end):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
         k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, KIND == PARTIAL)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if KIND == FULL:
@@ -233,8 +242,11 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_
               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """``dQ += dS K`` over the key blocks ``blocks[lo:hi]``, with ``dS = P * (dO V^T - delta)``."""
     SUBS: tl.constexpr = BK // BLOCK_N
-    for step in range(lo * SUBS, hi * SUBS):
-        offs_n = _step_start(blocks, step, BK, BLOCK_N) + tl.arange(0, BLOCK_N)
+    end = hi * SUBS
+    start_n = _step_start(blocks, lo * SUBS, end, BK, BLOCK_N)
+    for step in range(lo * SUBS, end):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
         k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, KIND == PARTIAL)
         v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
@@ -303,8 +315,11 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, lse2_base, delta_base, st
     transposed orientation (keys down, queries across). Queries past the end load as zero
     with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
     SUBS: tl.constexpr = BQ // BLOCK_M
-    for step in range(lo * SUBS, hi * SUBS):
-        offs_m = _step_start(blocks, step, BQ, BLOCK_M) + tl.arange(0, BLOCK_M)
+    end = hi * SUBS
+    start_m = _step_start(blocks, lo * SUBS, end, BQ, BLOCK_M)
+    for step in range(lo * SUBS, end):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        start_m = _step_start(blocks, step + 1, end, BQ, BLOCK_M)
         q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, KIND == PARTIAL)
         do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
         if KIND == FULL:
@@ -411,11 +426,12 @@ class Plan:
     head_slot: torch.Tensor  # int32[H_mask]
     forward: BlockLists  # per query block: its FULL and PARTIAL key blocks
     backward: BlockLists  # per key block: its FULL and PARTIAL query blocks
-    q_order: torch.Tensor  # int32[S, nQ]: query blocks by decreasing work, per slot
+    q_order: torch.Tensor  # int32[S, nQ]: query blocks in launch order, per slot
     n_active_q: torch.Tensor  # int32[S]: query blocks with work, per slot
     max_active_q: int
     queries_covered: bool  # every query block of every slot has work: outputs need no zero fill
-    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), heaviest first
+    short_rows: bool  # query blocks with work hold fewer than tuning.SHORT_ROWS tiles on average
+    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), in launch order
     keys_covered: bool
     mask_args: torch.Tensor  # int32[S, A]
     mask_data: torch.Tensor  # int32[N]
@@ -432,7 +448,7 @@ def _build_plan(cm, device: torch.device) -> Plan:
     fwd_work = table.forward.work.numpy()
     n_active_q = (fwd_work > 0).sum(axis=1)
     kv_work = table.backward.work.numpy().sum(axis=0)
-    kv_order = np.argsort(-kv_work, kind="stable")[: int((kv_work > 0).sum())]
+    kv_order = launch_order(kv_work)[: int((kv_work > 0).sum())]
     bq, bk = cm.block_size
 
     def ragged(length: int, block: int) -> int:
@@ -447,6 +463,7 @@ def _build_plan(cm, device: torch.device) -> Plan:
         n_active_q=torch.from_numpy(n_active_q.astype(np.int32)).to(device),
         max_active_q=int(n_active_q.max(initial=0)),
         queries_covered=bool((n_active_q == cm.n_q_blocks).all()),
+        short_rows=bool(fwd_work.sum() < tuning.SHORT_ROWS * max(int(n_active_q.sum()), 1)),
         kv_order=nonempty(torch.from_numpy(kv_order.astype(np.int32)).to(device)),
         keys_covered=len(kv_order) == cm.n_kv_blocks,
         mask_args=torch.from_numpy(code.args).to(device),
@@ -487,9 +504,10 @@ _fitted: dict[tuple, tuning.TileConfig] = {}
 def _run(kernel: str, cm, plan: Plan, q, v, launch: Callable[[tuning.TileConfig], None]) -> None:
     """``launch`` with the kernel's tile config, or the next smaller one while the GPU lacks the
     shared memory it needs (masks with bit patterns pipeline one more tile); the config that
-    fits is remembered per kernel, device, dtype, head dims, table blocks and mask structure."""
+    fits is remembered per kernel, device, dtype, head dims, table blocks, mask structure and row
+    length (``Plan.short_rows``)."""
     bq, bk = cm.block_size
-    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source)
+    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source, plan.short_rows)
     if key in _fitted:
         launch(_fitted[key])
         return
@@ -497,7 +515,7 @@ def _run(kernel: str, cm, plan: Plan, q, v, launch: Callable[[tuning.TileConfig]
     def bench(config: tuning.TileConfig) -> float:
         return triton.testing.do_bench(lambda: launch(config), warmup=5, rep=25)
 
-    config = tuning.config_for(kernel, q.device, q.dtype, q.shape[-1], bq, bk, bench=bench)
+    config = tuning.config_for(kernel, q.device, q.dtype, q.shape[-1], bq, bk, plan.short_rows, bench=bench)
     while True:
         try:
             launch(config)

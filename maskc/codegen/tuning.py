@@ -13,11 +13,12 @@ Both must be powers of two >= 16 (``tl.arange`` and ``tl.dot``), so a table
 block of 128 allows tiles of 16 to 128; ``fit`` shrinks a config to the
 largest power-of-two divisor of the table block.
 
-``config_for`` returns the default for the GPU class, dtype and head dim
-(chosen from measurements on an H100/H200, see bench/RESULTS.md), so a first
-call compiles one variant per kernel and is not slow. With ``MASKC_AUTOTUNE=1``
-the first call for each (kernel, device, dtype, head dim, table block) times
-``CANDIDATES`` and keeps the fastest for the rest of the process.
+``config_for`` returns the default for the GPU class, dtype, head dim and row
+length of the mask (``SHORT_ROWS``; chosen from measurements on an H100/H200,
+see bench/RESULTS.md), so a first call compiles one variant per kernel and is
+not slow. With ``MASKC_AUTOTUNE=1`` the first call for each (kernel, device,
+dtype, head dim, table block, row length) times ``CANDIDATES`` and keeps the
+fastest for the rest of the process.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ class TileConfig:
     num_stages: int
 
 
-#: (kernel, padded head dim) -> config, for 16-bit inputs on Hopper-class GPUs.
+#: (kernel, padded head dim) -> config, for 16-bit inputs on Hopper-class GPUs, masks with long
+#: rows (``SHORT_ROWS``). At head dim 128 on an H200, once the pipeline loads two steps ahead
+#: (``triton_attention._step_start``), the fastest were a forward of 128 x 128 and FlexAttention's
+#: own backward tiles (dQ 128 x 64, dK/dV 64 x 128, 8 warps, 3 stages): causal 128K, useful
+#: TFLOP/s 493 forward and 412 backward (bench/RESULTS.md). dK/dV keeps two [BLOCK_N, head dim]
+#: float32 accumulators live; at 64 x 128 with 8 warps ptxas reports about 100 bytes of spills.
 DEFAULTS_16BIT = {
     ("forward", 16): TileConfig(128, 128, 4, 3),
     ("forward", 32): TileConfig(128, 128, 4, 3),
@@ -50,18 +56,27 @@ DEFAULTS_16BIT = {
     ("dq", 16): TileConfig(64, 64, 4, 2),
     ("dq", 32): TileConfig(64, 64, 4, 2),
     ("dq", 64): TileConfig(64, 64, 4, 2),
-    ("dq", 128): TileConfig(64, 64, 4, 2),
+    ("dq", 128): TileConfig(128, 64, 8, 3),
     ("dq", 256): TileConfig(64, 32, 4, 2),
-    # dK/dV keeps two [BLOCK_N, head dim] float32 accumulators live. Walking per-tile lists (one
-    # loop per tile kind) leaves 64 x 128 with 8 warps almost free of spills (ptxas: 0 to 144
-    # bytes against about 1100 for the run-walking kernels), and it is the fastest at hd 128
-    # (H200, 128K, whole backward in useful TFLOP/s: causal 371, doc-causal 263, window 275,
-    # against 354 / 250 / 271 for 32 x 64 with 4 warps; bench/RESULTS.md)
     ("dkdv", 16): TileConfig(32, 64, 4, 3),
     ("dkdv", 32): TileConfig(32, 64, 4, 3),
     ("dkdv", 64): TileConfig(32, 64, 4, 3),
     ("dkdv", 128): TileConfig(64, 128, 8, 3),
     ("dkdv", 256): TileConfig(16, 32, 4, 2),
+}
+
+#: A mask has short rows when its query blocks with work hold fewer tiles than this on average
+#: (packed documents of a few thousand tokens, sliding windows): each program then runs a few
+#: steps, and smaller forward tiles that fit two programs on a multiprocessor hide one program's
+#: start and end behind the other's steps.
+SHORT_ROWS = 32
+
+#: Where short rows change the configs of ``DEFAULTS_16BIT`` (H200, 128K tokens, useful TFLOP/s
+#: forward / backward: document-causal 302 / 272 against 247 / 248 with the long-row tiles,
+#: sliding window 1024 342 / 287 against 321 / 282; bench/RESULTS.md).
+SHORT_ROWS_16BIT = {
+    ("forward", 128): TileConfig(64, 64, 4, 3),
+    ("dkdv", 128): TileConfig(64, 128, 8, 2),
 }
 
 #: float32 inputs (tests, checks): smaller tiles, the scores take twice the registers.
@@ -78,12 +93,12 @@ INTERPRETER = TileConfig(16, 16, 1, 1)
 #: each compiles for sm_90 with no or few register spills on the generated predicates of
 #: bench/gpu_bench.py (ptxas -v, triton 3.6).
 CANDIDATES = {
-    "forward": [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2),
+    "forward": [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4),
                 TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3)],
-    "dq": [TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 2), TileConfig(128, 64, 8, 3),
-           TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)],
-    "dkdv": [TileConfig(32, 64, 4, 3), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 8, 3),
-             TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 3)],
+    "dq": [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4), TileConfig(128, 64, 8, 2),
+           TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3)],
+    "dkdv": [TileConfig(64, 128, 8, 3), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 8, 4),
+             TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 3)],
 }
 
 _tuned: dict[tuple, TileConfig] = {}
@@ -116,24 +131,27 @@ def head_bucket(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def default_config(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> TileConfig:
+def default_config(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                   short_rows: bool = False) -> TileConfig:
     if device.type != "cuda":
         return INTERPRETER
     if dtype == torch.float32:
         return DEFAULTS_32BIT[kernel]
-    return DEFAULTS_16BIT[(kernel, head_bucket(head_dim))]
+    key = (kernel, head_bucket(head_dim))
+    return SHORT_ROWS_16BIT.get(key, DEFAULTS_16BIT[key]) if short_rows else DEFAULTS_16BIT[key]
 
 
 def config_for(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, bq: int, bk: int,
-               bench: Optional[Callable[[TileConfig], float]] = None) -> TileConfig:
+               short_rows: bool = False, bench: Optional[Callable[[TileConfig], float]] = None) -> TileConfig:
     """The tile config of ``kernel``; timed over ``CANDIDATES`` once if ``MASKC_AUTOTUNE=1``.
 
+    ``short_rows``: the mask's rows hold fewer than ``SHORT_ROWS`` tiles on average.
     ``bench(config)`` runs the kernel with ``config`` and returns its time; it
     must leave the outputs as a run with any other config would."""
-    chosen = fit(default_config(kernel, device, dtype, head_dim), bq, bk)
+    chosen = fit(default_config(kernel, device, dtype, head_dim, short_rows), bq, bk)
     if bench is None or device.type != "cuda" or os.environ.get("MASKC_AUTOTUNE") != "1":
         return chosen
-    key = (kernel, torch.cuda.get_device_name(device), dtype, head_bucket(head_dim), bq, bk)
+    key = (kernel, torch.cuda.get_device_name(device), dtype, head_bucket(head_dim), bq, bk, short_rows)
     if key not in _tuned:
         candidates = dict.fromkeys([chosen] + [fit(c, bq, bk) for c in CANDIDATES[kernel]])
         timings = {}
