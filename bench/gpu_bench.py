@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib
 import math
 import os
 import platform
@@ -213,22 +212,15 @@ def one_list(direction, ragged_entry):
 
 
 @contextlib.contextmanager
-def variant(configs=(), order_by_work=False, single_loop=False):
-    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), query/key
-    blocks launched by decreasing work alone (the order before launch bands), or every tile
-    walked by the PARTIAL loop (``one_list``)."""
+def variant(configs=(), single_loop=False):
+    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), or every
+    tile walked by the PARTIAL loop (``one_list``)."""
     saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
     for kernel, config in configs:  # for masks of long and short rows alike
         tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
-    tables = importlib.import_module("maskc.passes.tables")  # the module; ``maskc.passes.tables`` is the pass
-    def by_work(work):
-        return np.lexsort((np.arange(len(work)), -work))
-
-    patches = [(tables, "launch_order", by_work), (triton_attention, "launch_order", by_work)] * order_by_work
-    patches += [(triton_attention, "expand", one_list)] * single_loop
-    originals = [getattr(module, name) for module, name, _ in patches]
-    for module, name, replacement in patches:
-        setattr(module, name, replacement)
+    expand = triton_attention.expand
+    if single_loop:
+        triton_attention.expand = one_list
     triton_attention._fitted.clear()
     try:
         yield
@@ -236,8 +228,7 @@ def variant(configs=(), order_by_work=False, single_loop=False):
         for table, before in zip((tuning.DEFAULTS_16BIT, tuning.SHORT_ROWS_16BIT), saved):
             table.clear()
             table.update(before)
-        for (module, name, _), original in zip(patches, originals):
-            setattr(module, name, original)
+        triton_attention.expand = expand
         triton_attention._fitted.clear()
 
 
@@ -254,8 +245,7 @@ TILE_SETS = {
 
 def variants() -> dict:
     """name -> (table block size, variant arguments, passes it changes)."""
-    out = {"defaults": (128, {}, "fwd bwd"), "order by work": (128, dict(order_by_work=True), "fwd bwd"),
-           "one loop": (128, dict(single_loop=True), "fwd bwd")}
+    out = {"defaults": (128, {}, "fwd bwd"), "one loop": (128, dict(single_loop=True), "fwd bwd")}
     out.update({name: (block, dict(configs=configs), "fwd bwd") for name, (block, configs) in TILE_SETS.items()})
     for kernel in tuning.KERNELS:  # each candidate for masks of long and short rows alike
         for config in tuning.CANDIDATES[kernel]:
@@ -286,7 +276,7 @@ def tune(sizes, names, chosen, report: list) -> None:
             for label in ["defaults"] + [c for c in chosen if c != "defaults"]:
                 block, arguments, passes = every[label]
                 with variant(**arguments):
-                    cm = maskc.compile(spec, block_size=block)  # inside: the launch order is in the tables
+                    cm = maskc.compile(spec, block_size=block)
                     speed = [float("nan"), float("nan")]
                     if "fwd" in passes:
                         speed[0] = tflops(pairs, ms(lambda: cm(q, k, v)))

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import maskc
 from maskc.ir import is_opaque, walk
-from maskc.passes.tables import LAUNCH_BAND
 from maskc.passes.simplify import simplify
 from maskc.passes.tables import IndexTable
 from oracle import block_kinds, dense_mask, spec_masks
@@ -101,11 +100,7 @@ def test_forward_and_backward_tables_decode_to_the_block_map(spec, block_size):
             np.testing.assert_array_equal(direction.work[slot].numpy(), work)
             order = direction.order[slot].numpy()
             assert sorted(order.tolist()) == list(range(len(blocks)))
-            band = np.arange(len(work)) // LAUNCH_BAND
-            band_work = np.bincount(band, weights=work)
-            expected_order = sorted(range(len(work)), key=lambda g: (work[g] == 0, -band_work[band[g]], band[g],
-                                                                   -work[g], g))
-            assert order.tolist() == expected_order, "groups not in launch order"
+            assert (np.diff(work[order]) <= 0).all(), "groups not by decreasing work"
         # heads still holding Dense / Predicate after simplification keep each PARTIAL tile's bits
         # (single-tile runs, in both directions); the others have generated predicates (-1)
         opaque = any(is_opaque(node) for node in walk(cm.simplified.heads[h]))

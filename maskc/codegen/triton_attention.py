@@ -18,13 +18,12 @@ EMPTY tiles are in no list and never visited.
 
 Grids. Forward and dQ: ``(programs, batch * q_heads)`` where program ``t``
 owns ``BLOCK_M`` rows of query block ``order[slot, t // (BQ // BLOCK_M)]``:
-only query blocks with work get a program, in launch order (heavy bands of
-neighbouring blocks first, ``passes.tables.launch_order``). The first grid
+only query blocks with work get a program, heaviest first. The first grid
 axis is the fast one, so the programs running at once mostly belong to one
 head and stream the same keys through L2. Rows of blocks with no work are
 filled with 0 (LSE ``-inf``) before the launch, and a mask with no allowed pair
 launches nothing. dK/dV: ``(programs, batch * kv_heads)``, one program per
-``BLOCK_N`` keys of the key blocks with work, in launch order; it loops over
+``BLOCK_N`` keys of the key blocks with work, heaviest first; it loops over
 the query heads sharing its key head (GQA/MQA), so dK/dV need no atomics, and
 keys nobody attends get 0.
 
@@ -64,7 +63,6 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from . import tuning
-from ..passes.tables import launch_order
 from .block_lists import BlockLists, expand, nonempty
 from .predicate import FUNCTION_NAME, mask_code
 
@@ -426,12 +424,12 @@ class Plan:
     head_slot: torch.Tensor  # int32[H_mask]
     forward: BlockLists  # per query block: its FULL and PARTIAL key blocks
     backward: BlockLists  # per key block: its FULL and PARTIAL query blocks
-    q_order: torch.Tensor  # int32[S, nQ]: query blocks in launch order, per slot
+    q_order: torch.Tensor  # int32[S, nQ]: query blocks by decreasing work, per slot
     n_active_q: torch.Tensor  # int32[S]: query blocks with work, per slot
     max_active_q: int
     queries_covered: bool  # every query block of every slot has work: outputs need no zero fill
     short_rows: bool  # query blocks with work hold fewer than tuning.SHORT_ROWS tiles on average
-    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), in launch order
+    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), heaviest first
     keys_covered: bool
     mask_args: torch.Tensor  # int32[S, A]
     mask_data: torch.Tensor  # int32[N]
@@ -448,7 +446,7 @@ def _build_plan(cm, device: torch.device) -> Plan:
     fwd_work = table.forward.work.numpy()
     n_active_q = (fwd_work > 0).sum(axis=1)
     kv_work = table.backward.work.numpy().sum(axis=0)
-    kv_order = launch_order(kv_work)[: int((kv_work > 0).sum())]
+    kv_order = np.argsort(-kv_work, kind="stable")[: int((kv_work > 0).sum())]
     bq, bk = cm.block_size
 
     def ragged(length: int, block: int) -> int:

@@ -13,7 +13,7 @@ blocks). ``S`` is the number of distinct head masks analysed ("slots"):
 ``part_pattern: int32[Rp]``    for masks with ``Dense``/``Predicate``: index
                                into ``patterns`` (their runs are single tiles);
                                -1 for runs whose predicate is generated code
-``order: int32[S, G]``         launch order of the groups (``launch_order``)
+``order: int32[S, G]``         groups by decreasing work, empty groups last
 ``work: int32[S, G]``          tiles per group (FULL + PARTIAL)
 =============================  ===============================================
 
@@ -85,26 +85,6 @@ def _ptr(group: np.ndarray, n_groups: int) -> np.ndarray:
     return ptr
 
 
-#: Consecutive groups (query or key blocks) that ``launch_order`` keeps together.
-LAUNCH_BAND = 16
-
-
-def launch_order(work: np.ndarray) -> np.ndarray:
-    """The order in which the kernels start one program per group, given each group's
-    tiles ``work``: bands of ``LAUNCH_BAND`` consecutive groups by decreasing total work,
-    within a band by decreasing work, and empty groups last.
-
-    Heaviest first keeps the last wave of programs short. Bands keep the programs that
-    run at the same time on neighbouring blocks, which read the same keys (or queries)
-    through L2: sorting single groups by work scatters them over the sequence for
-    document masks, and their tiles then stream from DRAM. A causal mask gets its
-    groups by decreasing work either way."""
-    index = np.arange(len(work))
-    band = index // LAUNCH_BAND
-    band_work = np.bincount(band, weights=work)[band]
-    return np.lexsort((index, -work, band, -band_work, work == 0))
-
-
 def _transpose_tiles(runs: Runs, pattern: np.ndarray) -> tuple[Runs, np.ndarray]:
     order = np.lexsort((runs.group, runs.lo))
     return Runs(runs.lo[order], runs.group[order], runs.group[order] + 1), pattern[order]
@@ -124,7 +104,7 @@ def _direction(per_slot: list[tuple[Runs, Runs, Optional[np.ndarray]]], n_groups
         tiles = np.bincount(full.group, weights=full.hi - full.lo, minlength=n_groups) + np.bincount(
             part.group, weights=part.hi - part.lo, minlength=n_groups)
         work.append(tiles.astype(np.int64))
-        order.append(launch_order(tiles))
+        order.append(np.argsort(-tiles, kind="stable"))
 
     def t(parts, shape=(0,)):
         arr = np.concatenate(parts) if parts else np.zeros(shape, dtype=np.int64)
