@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """maskc's Triton kernels against FlexAttention and SDPA on one GPU (issue 3).
 
-    python bench/gpu_bench.py                  # everything; writes the section of bench/RESULTS.md
+    python bench/gpu_bench.py                  # everything; adds a run to bench/RESULTS.md
     python bench/gpu_bench.py --sizes 8192 --no-write
     python bench/gpu_bench.py --sizes 131072 --masks causal doc-causal window-1024 --skip ring build
-    python bench/gpu_bench.py --tune           # tile configs of the three kernels (default: causal 32K)
+    python bench/gpu_bench.py --tune --variants defaults "set short rows"   # maskc's variants (default: causal 32K)
+    python bench/gpu_bench.py --list-variants  # tile configs, tile sets, one loop
+    ncu --clock-control none ... python bench/gpu_bench.py --profile doc-causal   # one call of each tool
 
 Per mask and size (batch 1, 16 heads, head dim 128, bf16): forward and backward
 TFLOP/s of maskc and of ``torch.compile(flex_attention)`` on the same mask, and
@@ -16,6 +18,7 @@ forward on sampled rows at every size, forward and backward on the whole
 problem at the smallest size. Then the 4 x 4 ring tiles of a 128K
 document-causal mask, the mask build times of both tools, and a loop of 20
 training steps with new document lengths each step. The short table comes last.
+The whole-problem float32 reference holds a dense mask, so it runs up to 16K tokens.
 """
 
 from __future__ import annotations
