@@ -46,13 +46,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from results import add_run
+
 BLOCK = 128
 LENGTHS = [1 << k for k in range(14, 21)]  # 16K .. 1M
 KINDS = ("causal", "document_causal", "sliding_window")
 WINDOW = 4096
 FLEX_SURE = (1 << 14, 1 << 15)  # FlexAttention on the CPU: 16K and 32K; longer only if memory allows
 SECTION = "## Compile time (issue 2)"
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def document_lengths(n: int, seed: int = 0) -> list[int]:
@@ -230,21 +231,10 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(text: str) -> None:
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{text.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(body):
-        body = pattern.sub(lambda _: section + "\n", body).rstrip() + "\n"
-    else:
-        body = body.rstrip() + "\n\n" + section
-    RESULTS.write_text(body)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9, help="timed maskc calls per point (median reported)")
-    parser.add_argument("--results", action="store_true", help=f"write the results into {RESULTS.name}")
+    parser.add_argument("--results", action="store_true", help="add the results to bench/RESULTS.md")
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "KIND", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -274,7 +264,7 @@ def main() -> None:
     print()
     print(report)
     if args.results:
-        write_results(report)
+        add_run(SECTION, report)
 
 
 if __name__ == "__main__":

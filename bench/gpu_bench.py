@@ -43,11 +43,11 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskc  # noqa: E402 - after the path setup, to bench this checkout
 from maskc.codegen import block_lists, triton_attention, tuning  # noqa: E402
+from results import add_run  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
 WINDOW, CHUNK, PREFIX = 1024, 8192, 2048
 WHOLE_ERRORS_UP_TO = 16384  # tokens; the float32 reference of the whole problem holds a dense mask
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## GPU kernels (issue 3)"
 
 torch._dynamo.config.cache_size_limit = 256
@@ -505,18 +505,9 @@ def tables(rows, errors, builds, checks) -> str:
 
 
 def write_results(text: str, command: str) -> None:
-    """Add this run to bench/RESULTS.md as the first subsection of its section (earlier runs stay)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    run = (f"### Run of {datetime.date.today().isoformat()}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
-           f"Batch 1, {HEADS} heads, head dim {HEAD_DIM}, bf16. maskc tables built for blocks of 128; kernel tiles "
-           f"per `maskc/codegen/tuning.py`.\n\n{text}\n\n")
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n" + run
-    else:
-        at = start + len(SECTION) + 2  # after the heading and its blank line
-        new = old[:at] + run + old[at:]
-    RESULTS.write_text(new)
+    add_run(SECTION, f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}  \nMachine: {machine()}  \n"
+                     f"Batch 1, {HEADS} heads, head dim {HEAD_DIM}, bf16. maskc tables built for blocks of 128; "
+                     f"kernel tiles per `maskc/codegen/tuning.py`.\n\n{text}")
 
 
 def main() -> None:

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import time
-from pathlib import Path
 
 from compile_bench import document_lengths, machine
+from results import add_run
 
 import maskc
 from maskc.passes.shard import STRATEGIES, shard_plan
@@ -40,7 +39,6 @@ WORLDS = [4, 8, 16, 32]
 KINDS = ("causal", "document_causal")
 KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2  # K and V, 8 KV heads of 128 dims, bf16
 SECTION = "## Context-parallel plans (issue 4)"
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def spec(kind: str, n: int) -> maskc.Spec:
@@ -135,19 +133,9 @@ def targets(rows: list[dict]) -> list[str]:
     ]
 
 
-def write_section(heading: str, text: str) -> None:
-    """Put ``text`` under ``heading`` in RESULTS.md, replacing that section only."""
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{heading}\n\n{text.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    body = pattern.sub(lambda _: section + "\n", body).rstrip() + "\n" if pattern.search(body) else \
-        body.rstrip() + "\n\n" + section
-    RESULTS.write_text(body)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", action="store_true", help=f"write the results into {RESULTS.name}")
+    parser.add_argument("--results", action="store_true", help="add the results to bench/RESULTS.md")
     args = parser.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     host = machine()
@@ -170,7 +158,7 @@ def main() -> None:
     print()
     print(report)
     if args.results:
-        write_section(SECTION, report)
+        add_run(SECTION, report)
 
 
 if __name__ == "__main__":

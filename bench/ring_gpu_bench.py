@@ -54,7 +54,7 @@ import maskc  # noqa: E402 - after the path setup, to bench this checkout
 from maskc.distributed import _Ring, compiled_tiles, ring_attention, shard_plan  # noqa: E402
 from maskc.passes.shard import STRATEGIES  # noqa: E402
 from compile_bench import document_lengths  # noqa: E402 - the documents of bench/plan_bench.py too
-from plan_bench import write_section  # noqa: E402
+from results import add_run  # noqa: E402
 
 SECTION = "## Ring attention on GPUs (issue 6)"
 
@@ -257,7 +257,7 @@ def main_worker(rank: int, world: int, args, init_method: str) -> None:
         if args.results and rank == 0:
             when = datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y")
             command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-            write_section(SECTION, f"Command: `{command}`  \nDate: {when}  \nNCCL_NVLS_ENABLE=0, "
+            add_run(SECTION, f"Command: `{command}`  \nDate: {when}  \nNCCL_NVLS_ENABLE=0, "
                           f"TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1\n\n{text}")
     finally:
         dist.destroy_process_group()
