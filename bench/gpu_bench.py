@@ -104,7 +104,10 @@ def inputs(q_len: int, kv_len: int, seed: int = 0):
 
 
 def ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    """Median milliseconds of ``fn`` over 100 ms of runs, and at least 20 runs: a 128K causal
+    backward takes 0.4 s, and one run of it moved by up to 7% between calls."""
+    once = triton.testing.do_bench(fn, warmup=1, rep=1, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=max(10.0, 3 * once), rep=max(100.0, 20 * once), return_mode="median")
 
 
 def time_fwd_bwd(attend, q, k, v) -> tuple[float, float]:
@@ -215,15 +218,17 @@ def one_list(direction, ragged_entry):
 
 
 @contextlib.contextmanager
-def variant(configs=(), single_loop=False):
-    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), or every
-    tile walked by the PARTIAL loop (``one_list``)."""
+def variant(configs=(), single_loop=False, spans=True):
+    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), every
+    tile walked by the PARTIAL loop (``one_list``), or without spans (``codegen/spans.py``): the
+    generated predicate on every PARTIAL tile."""
     saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
     for kernel, config in configs:  # for masks of long and short rows alike
         tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
     expand = triton_attention.expand
     if single_loop:
         triton_attention.expand = one_list
+    triton_attention.USE_SPANS = spans
     triton_attention._fitted.clear()
     try:
         yield
@@ -232,13 +237,14 @@ def variant(configs=(), single_loop=False):
             table.clear()
             table.update(before)
         triton_attention.expand = expand
+        triton_attention.USE_SPANS = True
         triton_attention._fitted.clear()
 
 
 T = tuning.TileConfig
 #: Whole-set variants: (table block size, kernel configs), timed in both passes.
 TILE_SETS = {
-    "set short rows": (128, [("forward", T(64, 64, 4, 3)), ("dq", T(128, 64, 8, 3)), ("dkdv", T(64, 128, 8, 2))]),
+    "set short rows": (128, [("forward", T(64, 64, 4, 3)), ("dq", T(128, 64, 8, 3)), ("dkdv", T(64, 128, 8, 3))]),
     "set long rows": (128, [("forward", T(128, 128, 8, 3)), ("dq", T(128, 64, 8, 3)), ("dkdv", T(64, 128, 8, 3))]),
     "set table 64x128": ((64, 128), [("forward", T(64, 64, 4, 3)), ("dq", T(64, 64, 4, 3)),
                                      ("dkdv", T(64, 128, 8, 2))]),
@@ -248,7 +254,8 @@ TILE_SETS = {
 
 def variants() -> dict:
     """name -> (table block size, variant arguments, passes it changes)."""
-    out = {"defaults": (128, {}, "fwd bwd"), "one loop": (128, dict(single_loop=True), "fwd bwd")}
+    out = {"defaults": (128, {}, "fwd bwd"), "one loop": (128, dict(single_loop=True), "fwd bwd"),
+           "generated predicate": (128, dict(spans=False), "fwd bwd")}
     out.update({name: (block, dict(configs=configs), "fwd bwd") for name, (block, configs) in TILE_SETS.items()})
     for kernel in tuning.KERNELS:  # each candidate for masks of long and short rows alike
         for config in tuning.CANDIDATES[kernel]:

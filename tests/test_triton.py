@@ -106,9 +106,25 @@ PREDICATE_SPECS = {
 }
 
 
+#: the specs above whose rows or columns are not each one interval, or that hold Dense/Predicate
+#: nodes: they have no spans and always run the generated predicate
+NO_SPANS = {"documents_nested", "not_or", "dense", "predicate_and_causal"}
+
+
+@pytest.mark.parametrize("use_spans", [True, False], ids=["spans", "generated"])
 @pytest.mark.parametrize("name", PREDICATE_SPECS)
-def test_every_predicate_kind_forward_and_backward(name):
-    check(PREDICATE_SPECS[name])
+def test_every_predicate_kind_forward_and_backward(monkeypatch, name, use_spans):
+    # masks with spans (codegen/spans.py) run their generated predicate too when spans are off
+    monkeypatch.setattr(ta, "USE_SPANS", use_spans)
+    cm = check(PREDICATE_SPECS[name])
+    assert ta.plan_for(cm, torch.device("cpu")).spans == (use_spans and name not in NO_SPANS)
+
+
+def test_lengths_that_are_multiples_of_the_table_blocks_skip_bounds_checks():
+    even = maskc.compile(S(q_len=64, kv_len=32, mask=maskc.Causal()), block_size=16)
+    odd = maskc.compile(S(q_len=64, kv_len=33, mask=maskc.Causal()), block_size=16)
+    assert not ta.plan_for(even, torch.device("cpu")).cut and ta.plan_for(odd, torch.device("cpu")).cut
+    check(even.spec)
 
 
 def test_backward_is_bitwise_repeatable():
@@ -160,6 +176,18 @@ def test_masks_of_short_rows_take_their_own_tiles():
         assert tuning.default_config(kernel, gpu, torch.bfloat16, 128, short_rows=True) == \
             tuning.SHORT_ROWS_16BIT.get(key, tuning.DEFAULTS_16BIT[key])
     assert tuning.default_config("forward", gpu, torch.float32, 128, short_rows=True) == tuning.DEFAULTS_32BIT["forward"]
+
+
+def test_short_rows_launch_in_sequence_order_long_rows_heaviest_first():
+    causal = ta.plan_for(maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.Causal()), block_size=16),
+                         torch.device("cpu"))
+    assert causal.q_order[0].tolist() == list(range(63, -1, -1))  # the last query block has the most keys
+    assert causal.kv_order.tolist() == list(range(64))  # the first key block has the most queries
+    spec = S(q_len=1024, kv_len=1024, mask=maskc.Range(q=(200, 1024), kv=(0, 1024)) & maskc.SlidingWindow(left=40))
+    window = ta.plan_for(maskc.compile(spec, block_size=16), torch.device("cpu"))
+    assert window.short_rows and int(window.n_active_q[0]) == 64 - 12
+    assert window.q_order[0, :52].tolist() == list(range(12, 64))  # blocks with work, in sequence order
+    assert window.kv_order.tolist() == list(range(10, 64))
 
 
 def test_float16():
@@ -219,7 +247,7 @@ def test_empty_mask_launches_nothing(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("a kernel was launched for an empty mask")
 
-    for name in ("_attn_fwd", "_bwd_prepare", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
         monkeypatch.setattr(ta, name, NoLaunch())
     q = torch.randn(1, 2, 32, 16, requires_grad=True)
     k = torch.randn(1, 2, 48, 16, requires_grad=True)

@@ -9,28 +9,37 @@ straddles a table block (``tuning.py`` says how tiles fit table blocks), and
 the list it comes from is a ``tl.constexpr``:
 
 * ``FULL``: every pair allowed and in range; no mask code, unchecked loads;
-* ``PARTIAL``: the generated predicate (``predicate.py``, passed to the
-  kernels as a ``tl.constexpr`` function) decides each pair; loads are
-  bounds-checked. FULL tiles that the end of the sequence cuts short are
-  listed here (``block_lists.py``).
+* ``PARTIAL``: where every row and key column of the mask allows one
+  interval (``spans.py``: causal, windows, chunks, prefixes, documents, ring
+  tiles), each pair is tested against spans loaded once per program before
+  its loops; otherwise the generated predicate (``predicate.py``, passed to
+  the kernels as a ``tl.constexpr`` function) decides it. Loads are
+  bounds-checked only where the end of a sequence cuts a table block short
+  (``CUT``); FULL tiles that it cuts short are listed here
+  (``block_lists.py``).
 
 EMPTY tiles are in no list and never visited.
 
 Grids. Forward and dQ: ``(programs, batch * q_heads)`` where program ``t``
 owns ``BLOCK_M`` rows of query block ``order[slot, t // (BQ // BLOCK_M)]``:
-only query blocks with work get a program, heaviest first. The first grid
+only query blocks with work get a program, heaviest first where rows are
+long (the last programs are then the shortest), in sequence order where
+rows are short (``Plan.short_rows``: the programs running together then
+read the keys of a few neighbouring documents or windows). The first grid
 axis is the fast one, so the programs running at once mostly belong to one
 head and stream the same keys through L2. Rows of blocks with no work are
 filled with 0 (LSE ``-inf``) before the launch, and a mask with no allowed pair
 launches nothing. dK/dV: ``(programs, batch * kv_heads)``, one program per
-``BLOCK_N`` keys of the key blocks with work, heaviest first; it loops over
-the query heads sharing its key head (GQA/MQA), so dK/dV need no atomics, and
-keys nobody attends get 0.
+``BLOCK_N`` keys of the key blocks with work, in the same order as the query
+blocks; it loops over the query heads sharing its key head (GQA/MQA), so
+dK/dV need no atomics, and keys nobody attends get 0.
 
 Numbers: scores are kept in base 2 (``qk_scale = scale * log2(e)``), the
-stored LSE is natural. The backward pass first computes, per query row,
-``delta = rowsum(dO * O) - dLSE`` (``d lse_i / d s_ij = P_ij``) and the LSE in
-base 2 with ``-inf`` (empty rows) turned into ``+inf`` so that their ``P`` is 0.
+stored LSE is natural. The dQ kernel runs first: each program computes, for
+its rows, ``delta = rowsum(dO * O) - dLSE`` (``d lse_i / d s_ij = P_ij``) and
+the LSE in base 2 with ``-inf`` (empty rows) turned into ``+inf`` so that their
+``P`` is 0, and stores both for the dK/dV kernel. The rows it skips (blocks
+with no work) are never read.
 
 The op is registered with ``torch.library`` (``maskc::attention`` and its
 backward) with fake implementations, so it runs under ``torch.compile``
@@ -39,7 +48,8 @@ handle; its block lists and mask arguments are device tensors built once per
 mask and device (``Plan``).
 
 Kernels are specialised on the mask's structure: the generated predicate's
-text, the tile config and the dtypes. Sequence lengths are not specialised
+text, whether spans apply and sequences are cut, the tile config and the
+dtypes. Sequence lengths are not specialised
 (``do_not_specialize``) and every mask number or per-token table is a tensor,
 so new document lengths reuse the compiled kernels.
 """
@@ -65,6 +75,7 @@ from triton.runtime.jit import JITFunction
 from . import tuning
 from .block_lists import BlockLists, expand, nonempty
 from .predicate import FUNCTION_NAME, mask_code
+from .spans import spans
 
 FULL = tl.constexpr(2)  # the tile kinds' values in ``CompiledMask.block_kinds``
 PARTIAL = tl.constexpr(1)
@@ -102,6 +113,17 @@ def _list_span(ptr, at):
 
 
 @triton.jit
+def _spans_of(lo_ptr, hi_ptr, pos, n, SPANS: tl.constexpr):
+    """The spans ``[lo, hi)`` of positions ``pos`` on a program's own axis (``spans.py``), empty
+    past ``n``; without spans, ``pos`` twice (not read)."""
+    if SPANS:
+        inside = pos < n
+        return tl.load(lo_ptr + pos, mask=inside, other=0), tl.load(hi_ptr + pos, mask=inside, other=0)
+    else:
+        return pos, pos
+
+
+@triton.jit
 def _step_start(blocks, step, end, TABLE_BLOCK: tl.constexpr, STEP: tl.constexpr):
     """First position of kernel step ``step`` of a list (0 past ``end``): ``TABLE_BLOCK // STEP``
     steps a listed block. The loops compute it one step ahead and carry it, so that the loads of
@@ -126,11 +148,11 @@ def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, B
 
 # -- forward ------------------------------------------------------------------------
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-               partial_mask: tl.constexpr, KIND: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, k_base, v_base, stride_kn, stride_kd, stride_vn,
+               stride_vd, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+               partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
+               BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+               BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key blocks ``blocks[lo:hi]``, ``BLOCK_N`` keys a step.
     ``qk_scale >= 0``: FULL tiles scale each row's maximum, and their scores in one FMA."""
     SUBS: tl.constexpr = BK // BLOCK_N
@@ -139,15 +161,18 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, s
     for step in range(lo * SUBS, end):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, KIND == PARTIAL)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, (KIND == PARTIAL) & CUT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if KIND == FULL:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_ref = m_new
             p = tl.math.exp2(s * qk_scale - m_ref[:, None])
         else:
-            allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
-                                   patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            if SPANS:
+                allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+            else:
+                allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
+                                       patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
             s = tl.where(allowed, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with nothing allowed so far keeps m = -inf; exponentiate against 0 instead
@@ -155,7 +180,7 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, s
             p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, (KIND == PARTIAL) & CUT)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -168,9 +193,10 @@ def _attn_fwd(Q, K, V, Out, Lse,
               n_heads, group, q_len, kv_len, qk_scale,
               head_slot, n_mask_heads, order, n_active, n_q_blocks,
               full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
-              partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+              row_lo, row_hi,
+              partial_mask: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr,
+              BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+              BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
@@ -184,22 +210,24 @@ def _attn_fwd(Q, K, V, Out, Lse,
     k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     mask_args += slot * args_width
-    q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, True)
+    spans_at = slot.to(tl.int64) * q_len
+    span_lo, span_hi = _spans_of(row_lo + spans_at, row_hi + spans_at, offs_m, q_len, SPANS)
+    q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, CUT)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     at = slot * (n_q_blocks + 1) + qb
     lo, hi = _list_span(full_ptr, at)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data,
-                               patterns, partial_mask, FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
-                               PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale,
+                               mask_args, mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N,
+                               HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
     lo, hi = _list_span(part_ptr, at)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data,
-                               patterns, partial_mask, PARTIAL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
-                               PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale,
+                               mask_args, mask_data, patterns, partial_mask, PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N,
+                               HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
 
     empty = l_i == 0.0  # rows with no allowed key: output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -210,34 +238,26 @@ def _attn_fwd(Q, K, V, Out, Lse,
 
 
 # -- backward -----------------------------------------------------------------------
-@triton.jit(do_not_specialize=["q_len"])
-def _bwd_prepare(Out, dOut, Lse, dLse, Lse2, Delta,
-                 stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
-                 n_heads, q_len, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per row: ``delta = rowsum(dO * O) - dLSE`` and the LSE in base 2 (``+inf`` for empty rows)."""
-    bh = tl.program_id(0)
-    b, h = bh // n_heads, bh % n_heads
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, q_len, stride_om,
-                   stride_od, HEAD_DV, BLOCK_DV, True)
-    do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
-                    stride_dod, HEAD_DV, BLOCK_DV, True)
-    rows = bh.to(tl.int64) * q_len + offs_m
-    in_range = offs_m < q_len
+@triton.jit
+def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
+    """Per query row, for both backward kernels: ``delta = rowsum(dO * O) - dLSE`` and the LSE in
+    base 2 (``+inf`` for empty rows, so that their ``P`` is 0); stored, and returned."""
     lse = tl.load(Lse + rows, mask=in_range, other=float("-inf"))
     finite = lse != float("-inf")
     d_lse = tl.where(finite, tl.load(dLse + rows, mask=in_range, other=0.0), 0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - d_lse
+    lse2 = tl.where(finite, lse * LOG2E, float("inf"))
     tl.store(Delta + rows, delta, mask=in_range)
-    tl.store(Lse2 + rows, tl.where(finite, lse * LOG2E, float("inf")), mask=in_range)
+    tl.store(Lse2 + rows, lse2, mask=in_range)
+    return lse2, delta
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-              partial_mask: tl.constexpr, KIND: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, k_base, v_base, stride_kn, stride_kd, stride_vn,
+              stride_vd, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+              partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
+              BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+              BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """``dQ += dS K`` over the key blocks ``blocks[lo:hi]``, with ``dS = P * (dO V^T - delta)``."""
     SUBS: tl.constexpr = BK // BLOCK_N
     end = hi * SUBS
@@ -245,30 +265,36 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_
     for step in range(lo * SUBS, end):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, KIND == PARTIAL)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        if KIND == PARTIAL:
-            allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
-                                   patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
-            p = tl.where(allowed, p, 0.0)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, (KIND == PARTIAL) & CUT)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, (KIND == PARTIAL) & CUT)
+        # both products first: the second runs on the tensor cores while the first is waited for
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if KIND == PARTIAL:
+            if SPANS:
+                allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+            else:
+                allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
+                                       patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            p = tl.where(allowed, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
-def _attn_bwd_dq(Q, K, V, dOut, Lse2, Delta, dQ,
+def _attn_bwd_dq(Q, K, V, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                 stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  n_heads, group, q_len, kv_len, qk_scale, scale,
                  head_slot, n_mask_heads, order, n_active, n_q_blocks,
                  full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
-                 partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                 row_lo, row_hi,
+                 partial_mask: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr,
+                 BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
@@ -281,34 +307,38 @@ def _attn_bwd_dq(Q, K, V, dOut, Lse2, Delta, dQ,
     k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     mask_args += slot * args_width
+    spans_at = slot.to(tl.int64) * q_len
+    span_lo, span_hi = _spans_of(row_lo + spans_at, row_hi + spans_at, offs_m, q_len, SPANS)
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
-                   stride_qd, HEAD_D, BLOCK_D, True)
+                   stride_qd, HEAD_D, BLOCK_D, CUT)
     do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
-                    stride_dod, HEAD_DV, BLOCK_DV, True)
-    rows = bh.to(tl.int64) * q_len + offs_m
-    lse2 = tl.load(Lse2 + rows, mask=offs_m < q_len, other=float("inf"))
-    delta = tl.load(Delta + rows, mask=offs_m < q_len, other=0.0)
+                    stride_dod, HEAD_DV, BLOCK_DV, CUT)
+    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, q_len, stride_om,
+                   stride_od, HEAD_DV, BLOCK_DV, CUT)
+    lse2, delta = _row_terms(o, do, Lse, dLse, Lse2, Delta, bh.to(tl.int64) * q_len + offs_m, offs_m < q_len)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     at = slot * (n_q_blocks + 1) + qb
     lo, hi = _list_span(full_ptr, at)
-    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                   full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-                   partial_mask, FULL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
+                   stride_vn, stride_vd, full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args,
+                   mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D,
+                   HEAD_DV, BLOCK_DV, PRECISION)
     lo, hi = _list_span(part_ptr, at)
-    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                   part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-                   partial_mask, PARTIAL, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
+                   stride_vn, stride_vd, part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args,
+                   mask_data, patterns, partial_mask, PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D,
+                   HEAD_DV, BLOCK_DV, PRECISION)
     _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq * scale, offs_m, q_len,
                 stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, lse2_base, delta_base, stride_qm, stride_qd,
-                stride_dom, stride_dod, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data,
-                patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, q_base, do_base, lse2_base, delta_base, stride_qm,
+                stride_qd, stride_dom, stride_dod, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args,
+                mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr,
+                CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+                BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """``dV += P^T dO`` and ``dK += dS^T Q`` over the query blocks ``blocks[lo:hi]``, in the
     transposed orientation (keys down, queries across). Queries past the end load as zero
     with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
@@ -318,21 +348,25 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, lse2_base, delta_base, st
     for step in range(lo * SUBS, end):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         start_m = _step_start(blocks, step + 1, end, BQ, BLOCK_M)
-        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, KIND == PARTIAL)
-        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, KIND == PARTIAL)
-        if KIND == FULL:
-            lse2 = tl.load(lse2_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        else:
+        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, (KIND == PARTIAL) & CUT)
+        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, (KIND == PARTIAL) & CUT)
+        if (KIND == PARTIAL) & CUT:
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+        else:
+            lse2 = tl.load(lse2_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
         if KIND == PARTIAL:
-            allowed = partial_mask(offs_m[None, :], offs_n[:, None], q_len, kv_len, mask_args, mask_data,
-                                   patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            if SPANS:
+                allowed = (offs_m[None, :] >= col_lo[:, None]) & (offs_m[None, :] < col_hi[:, None])
+            else:
+                allowed = partial_mask(offs_m[None, :], offs_n[:, None], q_len, kv_len, mask_args, mask_data,
+                                       patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
             p_t = tl.where(allowed, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
@@ -346,9 +380,10 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
                    n_heads, n_kv_heads, group, q_len, kv_len, qk_scale, scale,
                    head_slot, n_mask_heads, kv_order, n_kv_blocks,
                    full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
-                   partial_mask: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                   col_lo, col_hi,
+                   partial_mask: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr,
+                   BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
     tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
     SUBS: tl.constexpr = BK // BLOCK_N
@@ -361,29 +396,31 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, offs_n, kv_len, stride_kn,
-                   stride_kd, HEAD_D, BLOCK_D, True)
+                   stride_kd, HEAD_D, BLOCK_D, CUT)
     v = _load_tile(V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, offs_n, kv_len, stride_vn,
-                   stride_vd, HEAD_DV, BLOCK_DV, True)
+                   stride_vd, HEAD_DV, BLOCK_DV, CUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(group):  # the query heads that share this key head
         h = kv_head * group + g
         slot = tl.load(head_slot + h % n_mask_heads)
         slot_args = mask_args + slot * args_width
+        spans_at = slot.to(tl.int64) * kv_len
+        span_lo, span_hi = _spans_of(col_lo + spans_at, col_hi + spans_at, offs_n, kv_len, SPANS)
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row_base = (b * n_heads + h).to(tl.int64) * q_len
         at = slot * (n_kv_blocks + 1) + kb
         lo, hi = _list_span(full_ptr, at)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base, stride_qm,
-                             stride_qd, stride_dom, stride_dod, full_idx, part_pattern, lo, hi, q_len, kv_len,
-                             qk_scale, slot_args, mask_data, patterns, partial_mask, FULL, BQ, BK, BLOCK_M, HEAD_D,
-                             BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, q_base, do_base, Lse2 + row_base,
+                             Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod, full_idx, part_pattern,
+                             lo, hi, q_len, kv_len, qk_scale, slot_args, mask_data, patterns, partial_mask, FULL,
+                             SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
         lo, hi = _list_span(part_ptr, at)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, q_base, do_base, Lse2 + row_base, Delta + row_base, stride_qm,
-                             stride_qd, stride_dom, stride_dod, part_idx, part_pattern, lo, hi, q_len, kv_len,
-                             qk_scale, slot_args, mask_data, patterns, partial_mask, PARTIAL, BQ, BK, BLOCK_M, HEAD_D,
-                             BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, q_base, do_base, Lse2 + row_base,
+                             Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod, part_idx, part_pattern,
+                             lo, hi, q_len, kv_len, qk_scale, slot_args, mask_data, patterns, partial_mask, PARTIAL,
+                             SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
     _store_tile(dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, dk * scale, offs_n, kv_len,
                 stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
     _store_tile(dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, dv, offs_n, kv_len,
@@ -398,6 +435,10 @@ def interpreting() -> bool:
     """True when these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
     return _INTERPRETED
 
+
+#: PARTIAL tiles of masks that qualify (``spans.py``) test spans loaded once per program; False
+#: makes every mask run its generated predicate (the tests and bench/gpu_bench.py run both).
+USE_SPANS = True
 
 _predicates: dict[str, Callable] = {}
 
@@ -421,15 +462,21 @@ class Plan:
     """What the launches of one compiled mask on one device need, built once."""
 
     source: str
+    spans: bool  # PARTIAL tiles test the spans below instead of calling the generated predicate
+    row_lo: torch.Tensor  # int32[S, q_len] with spans, else one unused zero; the same for the next three
+    row_hi: torch.Tensor
+    col_lo: torch.Tensor  # int32[S, kv_len]
+    col_hi: torch.Tensor
+    cut: bool  # the end of the sequence cuts a table block short: PARTIAL tiles check bounds
     head_slot: torch.Tensor  # int32[H_mask]
     forward: BlockLists  # per query block: its FULL and PARTIAL key blocks
     backward: BlockLists  # per key block: its FULL and PARTIAL query blocks
-    q_order: torch.Tensor  # int32[S, nQ]: query blocks by decreasing work, per slot
+    q_order: torch.Tensor  # int32[S, nQ]: query blocks with work first, per slot (module docstring: order)
     n_active_q: torch.Tensor  # int32[S]: query blocks with work, per slot
     max_active_q: int
     queries_covered: bool  # every query block of every slot has work: outputs need no zero fill
     short_rows: bool  # query blocks with work hold fewer than tuning.SHORT_ROWS tiles on average
-    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), heaviest first
+    kv_order: torch.Tensor  # int32[n]: key blocks with work (any slot), ordered like q_order
     keys_covered: bool
     mask_args: torch.Tensor  # int32[S, A]
     mask_data: torch.Tensor  # int32[N]
@@ -446,22 +493,40 @@ def _build_plan(cm, device: torch.device) -> Plan:
     fwd_work = table.forward.work.numpy()
     n_active_q = (fwd_work > 0).sum(axis=1)
     kv_work = table.backward.work.numpy().sum(axis=0)
-    kv_order = np.argsort(-kv_work, kind="stable")[: int((kv_work > 0).sum())]
+    short_rows = bool(fwd_work.sum() < tuning.SHORT_ROWS * max(int(n_active_q.sum()), 1))
+    if short_rows:  # in sequence order, blocks with work first (bench/RESULTS.md: window 376 against 343 TFLOP/s)
+        q_order = torch.from_numpy(np.argsort(fwd_work == 0, axis=1, kind="stable").astype(np.int32))
+        kv_order = np.flatnonzero(kv_work > 0)
+    else:
+        q_order = table.forward.order
+        kv_order = np.argsort(-kv_work, kind="stable")[: int((kv_work > 0).sum())]
     bq, bk = cm.block_size
 
     def ragged(length: int, block: int) -> int:
         return length // block if length % block else -1
 
+    found = spans(cm) if USE_SPANS else None
+    unused = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def span(name: str) -> torch.Tensor:
+        return unused if found is None else torch.from_numpy(getattr(found, name)).to(device)
+
     return Plan(
         source=code.source,
+        spans=found is not None,
+        row_lo=span("row_lo"),
+        row_hi=span("row_hi"),
+        col_lo=span("col_lo"),
+        col_hi=span("col_hi"),
+        cut=ragged(cm.q_len, bq) >= 0 or ragged(cm.kv_len, bk) >= 0,
         head_slot=table.head_slot.to(device),
         forward=expand(table.forward, ragged(cm.kv_len, bk)).to(device),
         backward=expand(table.backward, ragged(cm.q_len, bq)).to(device),
-        q_order=table.forward.order.contiguous().to(device),
+        q_order=q_order.contiguous().to(device),
         n_active_q=torch.from_numpy(n_active_q.astype(np.int32)).to(device),
         max_active_q=int(n_active_q.max(initial=0)),
         queries_covered=bool((n_active_q == cm.n_q_blocks).all()),
-        short_rows=bool(fwd_work.sum() < tuning.SHORT_ROWS * max(int(n_active_q.sum()), 1)),
+        short_rows=short_rows,
         kv_order=nonempty(torch.from_numpy(kv_order.astype(np.int32)).to(device)),
         keys_covered=len(kv_order) == cm.n_kv_blocks,
         mask_args=torch.from_numpy(code.args).to(device),
@@ -482,12 +547,19 @@ def plan_for(cm, device: torch.device) -> Plan:
 
 def kernel_source(cm) -> str:
     """The generated Triton code of ``cm``: its PARTIAL-tile predicate, with where it runs."""
-    header = (
-        f"# maskc: generated predicate for {cm!r}\n"
-        "# called on PARTIAL tiles by _attn_fwd, _attn_bwd_dq and _attn_bwd_dkdv\n"
-        "# (maskc/codegen/triton_attention.py); FULL tiles run without it, EMPTY tiles never run.\n"
-        "import triton\nimport triton.language as tl\n\n\n"
-    )
+    if USE_SPANS and spans(cm) is not None:
+        where = (
+            "# Every row and key column of this mask allows one interval, so the kernels test PARTIAL\n"
+            "# tiles against spans loaded once per program (maskc/codegen/spans.py):\n"
+            "#     forward, dQ: row_lo[i] <= j < row_hi[i];   dK/dV: col_lo[j] <= i < col_hi[j]\n"
+            "# and run this predicate only with triton_attention.USE_SPANS = False.\n"
+        )
+    else:
+        where = (
+            "# called on PARTIAL tiles by _attn_fwd, _attn_bwd_dq and _attn_bwd_dkdv\n"
+            "# (maskc/codegen/triton_attention.py); FULL tiles run without it, EMPTY tiles never run.\n"
+        )
+    header = f"# maskc: generated predicate for {cm!r}\n{where}import triton\nimport triton.language as tl\n\n\n"
     return header + mask_code(cm).source
 
 
@@ -505,7 +577,8 @@ def _run(kernel: str, cm, plan: Plan, q, v, launch: Callable[[tuning.TileConfig]
     fits is remembered per kernel, device, dtype, head dims, table blocks, mask structure and row
     length (``Plan.short_rows``)."""
     bq, bk = cm.block_size
-    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source, plan.short_rows)
+    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source, plan.spans, plan.cut,
+           plan.short_rows)
     if key in _fitted:
         launch(_fitted[key])
         return
@@ -538,7 +611,7 @@ def _shared(cm, plan: Plan, q, v) -> dict:
     """Constexpr and table arguments common to the three attention kernels."""
     bq, bk = cm.block_size
     return dict(
-        partial_mask=plan.predicate, BQ=bq, BK=bk, HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]),
+        partial_mask=plan.predicate, SPANS=plan.spans, CUT=plan.cut, BQ=bq, BK=bk, HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]),
         HEAD_DV=v.shape[-1], BLOCK_DV=tuning.head_bucket(v.shape[-1]), PRECISION=_precision(q.dtype),
     )
 
@@ -561,7 +634,7 @@ def _forward(cm, q, k, v, scale: float):
             n_heads, n_heads // k.shape[1], q_len, cm.kv_len, scale * LOG2E.value,
             plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
             lists.full_ptr, lists.full_idx, lists.part_ptr, lists.part_idx, lists.part_pattern,
-            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
+            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.row_lo, plan.row_hi,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
             num_stages=config.num_stages, **_shared(cm, plan, q, v),
         )
@@ -579,15 +652,9 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
     dv = _output(v.shape, v.dtype, v.device, plan.keys_covered)
     if plan.max_active_q == 0:
         return dq, dk, dv
-    lse2 = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)  # written by the dQ kernel for the rows with work, read by dK/dV
     delta = torch.empty_like(lse)
     d_lse = d_lse.to(torch.float32).contiguous()
-    block_dv = tuning.head_bucket(v.shape[-1])
-    prepare_rows = 64
-    _bwd_prepare[(batch * n_heads, triton.cdiv(q_len, prepare_rows))](
-        out, d_out, lse, d_lse, lse2, delta, *out.stride(), *d_out.stride(), n_heads, q_len,
-        HEAD_DV=v.shape[-1], BLOCK_DV=block_dv, BLOCK_M=prepare_rows,
-    )
     qk_scale = scale * LOG2E.value
     shared = _shared(cm, plan, q, v)
     fwd, bwd = plan.forward, plan.backward
@@ -595,11 +662,12 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
     def launch_dq(config: tuning.TileConfig) -> None:
         grid = (plan.max_active_q * (cm.block_size[0] // config.block_m), batch * n_heads)
         _attn_bwd_dq[grid](
-            q, k, v, d_out, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
+            q, k, v, out, d_out, lse, d_lse, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *d_out.stride(), *dq.stride(),
             n_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale, scale,
             plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
             fwd.full_ptr, fwd.full_idx, fwd.part_ptr, fwd.part_idx, fwd.part_pattern,
-            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
+            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.row_lo, plan.row_hi,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
             num_stages=config.num_stages, **shared,
         )
@@ -611,12 +679,12 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
             *dk.stride(), *dv.stride(), n_heads, n_kv_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale,
             scale, plan.head_slot, len(plan.head_slot), plan.kv_order, cm.n_kv_blocks,
             bwd.full_ptr, bwd.full_idx, bwd.part_ptr, bwd.part_idx, bwd.part_pattern,
-            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns,
+            plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.col_lo, plan.col_hi,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
             num_stages=config.num_stages, **shared,
         )
 
-    _run("dq", cm, plan, q, v, launch_dq)
+    _run("dq", cm, plan, q, v, launch_dq)  # first: it computes the row terms dK/dV reads
     _run("dkdv", cm, plan, q, v, launch_dkdv)
     return dq, dk, dv
 

@@ -46,7 +46,8 @@ class TileConfig:
 #: (``triton_attention._step_start``), the fastest were a forward of 128 x 128 and FlexAttention's
 #: own backward tiles (dQ 128 x 64, dK/dV 64 x 128, 8 warps, 3 stages): causal 128K, useful
 #: TFLOP/s 493 forward and 412 backward (bench/RESULTS.md). dK/dV keeps two [BLOCK_N, head dim]
-#: float32 accumulators live; at 64 x 128 with 8 warps ptxas reports about 100 bytes of spills.
+#: float32 accumulators live: at 64 x 128 with 8 warps it takes 255 registers, with 8 bytes of
+#: spills where PARTIAL tiles test spans (``spans.py``) and about 100 with a generated predicate.
 DEFAULTS_16BIT = {
     ("forward", 16): TileConfig(128, 128, 4, 3),
     ("forward", 32): TileConfig(128, 128, 4, 3),
@@ -71,12 +72,11 @@ DEFAULTS_16BIT = {
 #: start and end behind the other's steps.
 SHORT_ROWS = 32
 
-#: Where short rows change the configs of ``DEFAULTS_16BIT`` (H200, 128K tokens, useful TFLOP/s
-#: forward / backward: document-causal 302 / 272 against 247 / 248 with the long-row tiles,
-#: sliding window 1024 342 / 287 against 321 / 282; bench/RESULTS.md).
+#: Where short rows change the configs of ``DEFAULTS_16BIT``: the forward (H200, 128K tokens,
+#: useful TFLOP/s, one call: document-causal 384 against 372 with 128 x 128 tiles, sliding window
+#: 1024 377 against 362; in other calls the two were even; bench/RESULTS.md).
 SHORT_ROWS_16BIT = {
     ("forward", 128): TileConfig(64, 64, 4, 3),
-    ("dkdv", 128): TileConfig(64, 128, 8, 2),
 }
 
 #: float32 inputs (tests, checks): smaller tiles, the scores take twice the registers.
@@ -94,11 +94,11 @@ INTERPRETER = TileConfig(16, 16, 1, 1)
 #: bench/gpu_bench.py (ptxas -v, triton 3.6).
 CANDIDATES = {
     "forward": [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4),
-                TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3)],
+                TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 3)],
     "dq": [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4), TileConfig(128, 64, 8, 2),
-           TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3)],
+           TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3)],
     "dkdv": [TileConfig(64, 128, 8, 3), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 8, 4),
-             TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 3)],
+             TileConfig(64, 64, 4, 2), TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 3)],
 }
 
 _tuned: dict[tuple, TileConfig] = {}
