@@ -7,6 +7,7 @@
     python bench/gpu_bench.py --tune --variants defaults "set short rows"   # maskc's variants (default: causal 32K)
     python bench/gpu_bench.py --list-variants  # tile configs, tile sets, one loop
     ncu --clock-control none ... python bench/gpu_bench.py --profile doc-causal   # one call of each tool
+    python bench/gpu_bench.py --noise --sizes 8192 131072 --masks doc-causal window-1024  # see noise()
 
 Per mask and size (batch 1, 16 heads, head dim 128, bf16): forward and backward
 TFLOP/s of maskc and of ``torch.compile(flex_attention)`` on the same mask, and
@@ -29,6 +30,7 @@ import datetime
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -323,6 +325,47 @@ def profile(length: int, name: str) -> None:
     torch.cuda.synchronize()
 
 
+def gpu_state() -> str:
+    """SM and memory clocks, power draw and temperature, as nvidia-smi reports them now."""
+    query = "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu"
+    return subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def noise(sizes, names, repeats: int = 4) -> None:
+    """What moves the timings: per mask and size, each tool's host time per call (50 forward and
+    20 backward calls queued without waiting for the GPU: where it exceeds the kernels' time, a
+    timing measures the host), then ``repeats`` alternating timings of both tools' forward with
+    the clocks and power after each."""
+    rng = np.random.default_rng(0)
+    for length in sizes:
+        q, k, v = inputs(length, length)
+        for name, (mask, mask_mod) in masks(length, rng, names).items():
+            cm = maskc.compile(maskc.Spec(q_len=length, kv_len=length, mask=mask))
+            bm = block_mask(mask_mod, length, length)
+            tools = {"maskc": cm, "flex": lambda q, k, v: flex(q, k, v, block_mask=bm)}
+            for tool, attend in tools.items():
+                out = attend(q, k, v)
+                grad = torch.randn_like(out)
+                torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+                torch.cuda.synchronize()
+                host = []
+                for calls, run in ((50, lambda: attend(q, k, v)),
+                                   (20, lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        run()
+                    host.append((time.perf_counter() - start) / calls * 1e3)
+                    torch.cuda.synchronize()
+                print(f"{name} {length} {tool}: host ms per call, forward {host[0]:.3f}, backward {host[1]:.3f}",
+                      flush=True)
+            for repeat in range(repeats):
+                speeds = [f"{tool} {tflops(cm.allowed_pairs(), ms(lambda: attend(q, k, v))):.0f}"
+                          for tool, attend in tools.items()]
+                print(f"{name} {length} forward TFLOP/s, repeat {repeat}: {', '.join(speeds)} | {gpu_state()}",
+                      flush=True)
+
+
 def tiles(config: tuning.TileConfig) -> str:
     return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
 
@@ -526,6 +569,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", help="with --tune: which (default all; --list-variants)")
     parser.add_argument("--list-variants", action="store_true")
     parser.add_argument("--profile", choices=MASKS, help="one fwd+bwd of each tool on this mask (for ncu)")
+    parser.add_argument("--noise", action="store_true", help="host time per call; repeated timings with clocks")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "table", "ring", "build"])
     args = parser.parse_args()
     if args.list_variants:
@@ -538,6 +582,9 @@ def main() -> None:
     print(machine(), flush=True)
     if args.profile:
         profile((args.sizes or [131072])[0], args.profile)
+        return
+    if args.noise:
+        noise(args.sizes or [8192, 131072], args.masks or ["doc-causal", "window-1024"])
         return
     if args.tune:
         checks, report = [], []
