@@ -43,7 +43,7 @@ with no work) are never read.
 
 The op is registered with ``torch.library`` (``maskc::attention`` and its
 backward) with fake implementations, so it runs under ``torch.compile``
-without a graph break. The compiled mask travels to the op as an integer
+without a graph break; eager calls skip that dispatch (``_EagerAttention``). The compiled mask travels to the op as an integer
 handle; its block lists and mask arguments are device tensors built once per
 mask and device (``Plan``).
 
@@ -755,8 +755,30 @@ def _attention_grad(ctx, d_out, d_lse):
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The op outside ``torch.compile``: the same forward and backward without the
+    ``torch.library`` dispatch, which costs the host about 0.1-0.3 ms a call on an H100 machine,
+    as much as the kernels of a short-row mask of 8K tokens take (bench/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cm, scale):
+        out, lse = _forward(cm, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.compiled_mask, ctx.scale = cm, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.compiled_mask, q, k, v, out, lse, d_out, d_lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def triton_attention(cm, q, k, v, scale: float):
-    """``(out, lse)`` of attention under ``cm`` by the Triton kernels; differentiable.
+    """``(out, lse)`` of attention under ``cm`` by the Triton kernels; differentiable. Under
+    ``torch.compile`` it is the registered op ``maskc::attention``, so graphs do not break.
 
     Arguments are checked by ``launch.check_inputs`` and ``launch.check_triton_inputs``."""
-    return _attention_op(q, k, v, _handle(cm), scale)
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, _handle(cm), scale)
+    return _EagerAttention.apply(q, k, v, cm, scale)
