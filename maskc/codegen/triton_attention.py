@@ -124,6 +124,18 @@ def _spans_of(lo_ptr, hi_ptr, pos, n, SPANS: tl.constexpr):
 
 
 @triton.jit
+def _allowed(i, j, moving, span_lo, span_hi, q_len, kv_len, mask_args, mask_data, patterns, pattern_at,
+             partial_mask: tl.constexpr, SPANS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+    """Allowed ``(i, j)`` on a PARTIAL tile (``i``, ``j`` broadcast to the tile's orientation):
+    the positions along the loop, ``moving``, inside the spans of the program's own positions, or
+    the generated predicate (``pattern_at`` points at the tile's bit pattern)."""
+    if SPANS:
+        return (moving >= span_lo) & (moving < span_hi)
+    else:
+        return partial_mask(i, j, q_len, kv_len, mask_args, mask_data, patterns, tl.load(pattern_at), BQ, BK)
+
+
+@triton.jit
 def _step_start(blocks, step, end, TABLE_BLOCK: tl.constexpr, STEP: tl.constexpr):
     """First position of kernel step ``step`` of a list (0 past ``end``): ``TABLE_BLOCK // STEP``
     steps a listed block. The loops compute it one step ahead and carry it, so that the loads of
@@ -168,11 +180,9 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, k_base, v_base, stride_
             m_ref = m_new
             p = tl.math.exp2(s * qk_scale - m_ref[:, None])
         else:
-            if SPANS:
-                allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-            else:
-                allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
-                                       patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            allowed = _allowed(offs_m[:, None], offs_n[None, :], offs_n[None, :], row_lo[:, None], row_hi[:, None],
+                               q_len, kv_len, mask_args, mask_data, patterns, pattern_of + step // SUBS,
+                               partial_mask, SPANS, BQ, BK)
             s = tl.where(allowed, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with nothing allowed so far keeps m = -inf; exponentiate against 0 instead
@@ -272,11 +282,9 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, k_base, v_base, st
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if KIND == PARTIAL:
-            if SPANS:
-                allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-            else:
-                allowed = partial_mask(offs_m[:, None], offs_n[None, :], q_len, kv_len, mask_args, mask_data,
-                                       patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            allowed = _allowed(offs_m[:, None], offs_n[None, :], offs_n[None, :], row_lo[:, None], row_hi[:, None],
+                               q_len, kv_len, mask_args, mask_data, patterns, pattern_of + step // SUBS,
+                               partial_mask, SPANS, BQ, BK)
             p = tl.where(allowed, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -360,11 +368,9 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, q_base, do_base, lse2_base
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
         if KIND == PARTIAL:
-            if SPANS:
-                allowed = (offs_m[None, :] >= col_lo[:, None]) & (offs_m[None, :] < col_hi[:, None])
-            else:
-                allowed = partial_mask(offs_m[None, :], offs_n[:, None], q_len, kv_len, mask_args, mask_data,
-                                       patterns, tl.load(pattern_of + step // SUBS), BQ, BK)
+            allowed = _allowed(offs_m[None, :], offs_n[:, None], offs_m[None, :], col_lo[:, None], col_hi[:, None],
+                               q_len, kv_len, mask_args, mask_data, patterns, pattern_of + step // SUBS,
+                               partial_mask, SPANS, BQ, BK)
             p_t = tl.where(allowed, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])

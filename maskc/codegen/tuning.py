@@ -46,8 +46,8 @@ class TileConfig:
 #: (``triton_attention._step_start``), the fastest were a forward of 128 x 128 and FlexAttention's
 #: own backward tiles (dQ 128 x 64, dK/dV 64 x 128, 8 warps, 3 stages): causal 128K, useful
 #: TFLOP/s 493 forward and 412 backward (bench/RESULTS.md). dK/dV keeps two [BLOCK_N, head dim]
-#: float32 accumulators live: at 64 x 128 with 8 warps it takes 255 registers, with 8 bytes of
-#: spills where PARTIAL tiles test spans (``spans.py``) and about 100 with a generated predicate.
+#: float32 accumulators live: at 64 x 128 with 8 warps and 3 stages it takes 255 registers and
+#: spills 120 bytes where PARTIAL tiles test spans (``spans.py``), 272 with a generated predicate.
 DEFAULTS_16BIT = {
     ("forward", 16): TileConfig(128, 128, 4, 3),
     ("forward", 32): TileConfig(128, 128, 4, 3),
