@@ -43,15 +43,16 @@ with no work) are never read.
 
 The op is registered with ``torch.library`` (``maskc::attention`` and its
 backward) with fake implementations, so it runs under ``torch.compile``
-without a graph break; eager calls skip that dispatch (``_EagerAttention``). The compiled mask travels to the op as an integer
-handle; its block lists and mask arguments are device tensors built once per
-mask and device (``Plan``).
+without a graph break; eager calls skip that dispatch (``_EagerAttention``).
+Under ``torch.compile`` the compiled mask travels to the op as an integer
+handle. Its block lists, spans and mask arguments are device tensors built
+once per mask and device (``Plan``).
 
 Kernels are specialised on the mask's structure: the generated predicate's
 text, whether spans apply and sequences are cut, the tile config and the
-dtypes. Sequence lengths are not specialised
-(``do_not_specialize``) and every mask number or per-token table is a tensor,
-so new document lengths reuse the compiled kernels.
+dtypes. Sequence lengths are not specialised (``do_not_specialize``) and
+every mask number or per-token table is a tensor, so new document lengths
+reuse the compiled kernels.
 """
 
 from __future__ import annotations
