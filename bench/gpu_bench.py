@@ -531,27 +531,34 @@ def machine() -> str:
 
 
 def tables(rows, errors, builds, checks) -> str:
-    out = ["Forward / backward useful TFLOP/s (median ms in brackets); ratio = maskc / flex in this run.", "",
-           "| mask | tokens | tool | fwd TFLOP/s | bwd TFLOP/s | fwd ratio | bwd ratio |",
-           "|---|---|---|---|---|---|---|"]
+    """The run's tables as markdown; a section that did not run (``--skip``) has none."""
+    out = []
+
+    def table(title: str, header: str, lines: list) -> None:
+        if lines:
+            columns = header.count("|") - 1
+            out.extend(["", title, "", header, "|" + "---|" * columns, *lines])
+
     flex_of = {(r[0], r[1]): r for r in rows if r[2] == "flex"}
+    speeds = []
     for name, length, tool, fwd, bwd, (fwd_ms, bwd_ms) in rows:
         ratio = ("", "")
         if tool == "maskc" and (name, length) in flex_of and not math.isnan(fwd):
             ratio = (f"{fwd / flex_of[name, length][3]:.2f}x", f"{bwd / flex_of[name, length][4]:.2f}x")
-        out.append(f"| {name} | {length // 1024}K | {tool} | {fwd:.0f} ({fwd_ms:.3f}) | {bwd:.0f} ({bwd_ms:.3f}) | "
-                   f"{ratio[0]} | {ratio[1]} |")
-    out += ["", "Largest absolute error against float32 (gradients: relative to the largest reference value).", "",
-            "| mask | tokens | what | maskc | flex |", "|---|---|---|---|---|"]
-    out += [f"| {n} | {length // 1024}K | {what} | {a:.2e} | {b:.2e} |" for n, length, what, a, b in errors]
-    out += ["", "Mask build (ms, median) and training steps with new document lengths.", "",
-            "| what | tokens | maskc build / step ms | flex build / step ms | note |", "|---|---|---|---|---|"]
-    out += [f"| {n} | {length // 1024}K | {a:.1f} | {b:.1f} | {note} |" for n, length, a, b, note in builds]
-    if checks:
-        out += ["", "Small problems against the float64 reference op (gradients relative).", "",
-                "| case | out | lse | dq | dk | dv | NaN |", "|---|---|---|---|---|---|---|"]
-        out += [f"| {c[0]} | " + " | ".join(f"{x:.1e}" for x in c[1:6]) + f" | {c[6]} |" for c in checks]
-    return "\n".join(out)
+        speeds.append(f"| {name} | {length // 1024}K | {tool} | {fwd:.0f} ({fwd_ms:.3f}) | {bwd:.0f} ({bwd_ms:.3f}) | "
+                      f"{ratio[0]} | {ratio[1]} |")
+    table("Forward / backward useful TFLOP/s (median ms in brackets); ratio = maskc / flex in this run.",
+          "| mask | tokens | tool | fwd TFLOP/s | bwd TFLOP/s | fwd ratio | bwd ratio |", speeds)
+    table("Largest absolute error against float32 (gradients: relative to the largest reference value).",
+          "| mask | tokens | what | maskc | flex |",
+          [f"| {n} | {length // 1024}K | {what} | {a:.2e} | {b:.2e} |" for n, length, what, a, b in errors])
+    table("Mask build (ms, median) and training steps with new document lengths.",
+          "| what | tokens | maskc build / step ms | flex build / step ms | note |",
+          [f"| {n} | {length // 1024}K | {a:.1f} | {b:.1f} | {note} |" for n, length, a, b, note in builds])
+    table("Small problems against the float64 reference op (gradients relative).",
+          "| case | out | lse | dq | dk | dv | NaN |",
+          [f"| {c[0]} | " + " | ".join(f"{x:.1e}" for x in c[1:6]) + f" | {c[6]} |" for c in checks])
+    return "\n".join(out[1:])
 
 
 def write_results(text: str, command: str) -> None:

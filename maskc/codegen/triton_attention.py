@@ -618,8 +618,9 @@ def _shared(cm, plan: Plan, q, v) -> dict:
     """Constexpr and table arguments common to the three attention kernels."""
     bq, bk = cm.block_size
     return dict(
-        partial_mask=plan.predicate, SPANS=plan.spans, CUT=plan.cut, BQ=bq, BK=bk, HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]),
-        HEAD_DV=v.shape[-1], BLOCK_DV=tuning.head_bucket(v.shape[-1]), PRECISION=_precision(q.dtype),
+        partial_mask=plan.predicate, SPANS=plan.spans, CUT=plan.cut, BQ=bq, BK=bk, HEAD_D=q.shape[-1],
+        BLOCK_D=tuning.head_bucket(q.shape[-1]), HEAD_DV=v.shape[-1], BLOCK_DV=tuning.head_bucket(v.shape[-1]),
+        PRECISION=_precision(q.dtype),
     )
 
 
