@@ -169,12 +169,13 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, k_base, v_base, stride_
     """Online softmax over the key blocks ``blocks[lo:hi]``, ``BLOCK_N`` keys a step.
     ``qk_scale >= 0``: FULL tiles scale each row's maximum, and their scores in one FMA."""
     SUBS: tl.constexpr = BK // BLOCK_N
+    CHECK: tl.constexpr = (KIND == PARTIAL) & CUT  # bounds-checked loads
     end = hi * SUBS
     start_n = _step_start(blocks, lo * SUBS, end, BK, BLOCK_N)
     for step in range(lo * SUBS, end):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, (KIND == PARTIAL) & CUT)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if KIND == FULL:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -191,7 +192,7 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, k_base, v_base, stride_
             p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, (KIND == PARTIAL) & CUT)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, CHECK)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -271,13 +272,14 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, k_base, v_base, st
               BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """``dQ += dS K`` over the key blocks ``blocks[lo:hi]``, with ``dS = P * (dO V^T - delta)``."""
     SUBS: tl.constexpr = BK // BLOCK_N
+    CHECK: tl.constexpr = (KIND == PARTIAL) & CUT  # bounds-checked loads
     end = hi * SUBS
     start_n = _step_start(blocks, lo * SUBS, end, BK, BLOCK_N)
     for step in range(lo * SUBS, end):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, (KIND == PARTIAL) & CUT)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, (KIND == PARTIAL) & CUT)
+        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK)
+        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, CHECK)
         # both products first: the second runs on the tensor cores while the first is waited for
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -352,14 +354,15 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, q_base, do_base, lse2_base
     transposed orientation (keys down, queries across). Queries past the end load as zero
     with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
     SUBS: tl.constexpr = BQ // BLOCK_M
+    CHECK: tl.constexpr = (KIND == PARTIAL) & CUT  # bounds-checked loads
     end = hi * SUBS
     start_m = _step_start(blocks, lo * SUBS, end, BQ, BLOCK_M)
     for step in range(lo * SUBS, end):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         start_m = _step_start(blocks, step + 1, end, BQ, BLOCK_M)
-        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, (KIND == PARTIAL) & CUT)
-        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, (KIND == PARTIAL) & CUT)
-        if (KIND == PARTIAL) & CUT:
+        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, CHECK)
+        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, CHECK)
+        if CHECK:
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         else:
