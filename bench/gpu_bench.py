@@ -30,6 +30,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskc  # noqa: E402 - after the path setup, to bench this checkout
-from maskc.codegen import block_lists, triton_attention, tuning  # noqa: E402
+from maskc.codegen import triton_attention, tuning  # noqa: E402
 from results import add_run  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
@@ -199,48 +200,40 @@ def check_case(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> t
     return (name, *errors, nan)
 
 
-def one_list(direction, ragged_entry):
-    """``block_lists.expand`` with every FULL tile moved to the PARTIAL lists (pattern -1: the
-    generated predicate, true on a FULL tile): one pipelined loop per group instead of two."""
-    lists = block_lists.expand(direction, ragged_entry)
-    n_slots, n_groups = lists.full_ptr.shape[0], lists.full_ptr.shape[1] - 1
-
-    def owners(ptr):
-        return np.repeat(np.arange(n_slots * n_groups), np.diff(ptr.numpy(), axis=1).ravel())
-
-    owner = np.concatenate([owners(lists.full_ptr), owners(lists.part_ptr)])
-    entry = np.concatenate([lists.full_idx.numpy(), lists.part_idx.numpy()])
-    pattern = np.concatenate([np.full(len(lists.full_idx), -1), lists.part_pattern.numpy()])
-    order = np.lexsort((entry, owner))
-    as_int32 = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))  # noqa: E731
-    return block_lists.BlockLists(
-        full_ptr=torch.zeros_like(lists.full_ptr), full_idx=torch.zeros(0, dtype=torch.int32),
-        part_ptr=block_lists._csr(owner[order], n_slots, n_groups), part_idx=as_int32(entry[order]),
-        part_pattern=as_int32(pattern[order]))
+def untrimmed_steps(ptr, idx, lo, hi, own_block, entry_block, program, step):
+    """``spans.partial_steps`` without the trimming: each program walks its group's whole PARTIAL list."""
+    subs = entry_block // step
+    group = np.arange(-(-lo.shape[1] // program)) * program // own_block
+    return np.stack([ptr[:, group] * subs, ptr[:, group + 1] * subs], axis=-1).astype(np.int32)
 
 
 @contextlib.contextmanager
-def variant(configs=(), single_loop=False, spans=True):
-    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), every
-    tile walked by the PARTIAL loop (``one_list``), or without spans (``codegen/spans.py``): the
-    generated predicate on every PARTIAL tile."""
+def variant(configs=(), one_loop=True, spans=True, trim=True):
+    """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), with spans
+    but FULL and PARTIAL tiles in two loops (``triton_attention.ONE_LOOP``), without spans
+    (``codegen/spans.py``): the generated predicate on every PARTIAL tile, or with spans but
+    every PARTIAL step walked (``untrimmed_steps``)."""
     saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
     for kernel, config in configs:  # for masks of long and short rows alike
         tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
-    expand = triton_attention.expand
-    if single_loop:
-        triton_attention.expand = one_list
+    trimmed = triton_attention.partial_steps
+    triton_attention.ONE_LOOP = one_loop
+    if not trim:
+        triton_attention.partial_steps = untrimmed_steps
     triton_attention.USE_SPANS = spans
     triton_attention._fitted.clear()
+    triton_attention._plans.clear()
     try:
         yield
     finally:
         for table, before in zip((tuning.DEFAULTS_16BIT, tuning.SHORT_ROWS_16BIT), saved):
             table.clear()
             table.update(before)
-        triton_attention.expand = expand
+        triton_attention.partial_steps = trimmed
+        triton_attention.ONE_LOOP = True
         triton_attention.USE_SPANS = True
         triton_attention._fitted.clear()
+        triton_attention._plans.clear()
 
 
 T = tuning.TileConfig
@@ -251,18 +244,26 @@ TILE_SETS = {
     "set table 64x128": ((64, 128), [("forward", T(64, 64, 4, 3)), ("dq", T(64, 64, 4, 3)),
                                      ("dkdv", T(64, 128, 8, 2))]),
     "set table 64": (64, [("forward", T(64, 64, 4, 3)), ("dq", T(64, 64, 4, 3)), ("dkdv", T(64, 64, 4, 3))]),
+    "set small backward": (128, [("forward", T(64, 64, 4, 3)), ("dq", T(64, 64, 4, 2)), ("dkdv", T(64, 64, 4, 2))]),
 }
 
 
-def variants() -> dict:
-    """name -> (table block size, variant arguments, passes it changes)."""
-    out = {"defaults": (128, {}, "fwd bwd"), "one loop": (128, dict(single_loop=True), "fwd bwd"),
-           "generated predicate": (128, dict(spans=False), "fwd bwd")}
+def variants(names=()) -> dict:
+    """name -> (table block size, variant arguments, passes it changes); ``names`` may add tile
+    configs outside the candidates, written like them (``"dkdv 32x64 w4 s2"``)."""
+    out = {"defaults": (128, {}, "fwd bwd"), "two loops": (128, dict(one_loop=False), "fwd bwd"),
+           "generated predicate": (128, dict(spans=False), "fwd bwd"),
+           "untrimmed": (128, dict(trim=False), "fwd bwd")}
     out.update({name: (block, dict(configs=configs), "fwd bwd") for name, (block, configs) in TILE_SETS.items()})
     for kernel in tuning.KERNELS:  # each candidate for masks of long and short rows alike
         for config in tuning.CANDIDATES[kernel]:
             out[f"{kernel} {tiles(config)}"] = (128, dict(configs=[(kernel, config)]),
                                                 "fwd" if kernel == "forward" else "bwd")
+    for name in names:
+        written = re.fullmatch(r"(forward|dq|dkdv) (\d+)x(\d+) w(\d+) s(\d+)", name)
+        if written and name not in out:
+            kernel, *numbers = written.groups()
+            out[name] = (128, dict(configs=[(kernel, T(*map(int, numbers)))]), "fwd" if kernel == "forward" else "bwd")
     return out
 
 
@@ -274,7 +275,7 @@ def tune(sizes, names, chosen, report: list) -> None:
         print(*row, flush=True)
 
     rng = np.random.default_rng(0)
-    every = variants()
+    every = variants(chosen)
     for length in sizes:
         q, k, v = inputs(length, length)
         for name, (mask, mask_mod) in masks(length, rng, names).items():
@@ -573,7 +574,8 @@ def main() -> None:
     parser.add_argument("--masks", nargs="+", choices=MASKS, help="default all (--tune: causal)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--tune", action="store_true", help="time maskc's variants (tile configs and switches)")
-    parser.add_argument("--variants", nargs="+", help="with --tune: which (default all; --list-variants)")
+    parser.add_argument("--variants", nargs="+", help="with --tune: which (default all; --list-variants; or any "
+                                                      "tile config written like theirs)")
     parser.add_argument("--list-variants", action="store_true")
     parser.add_argument("--profile", choices=MASKS, help="one fwd+bwd of each tool on this mask (for ncu)")
     parser.add_argument("--noise", action="store_true", help="host time per call; repeated timings with clocks")
@@ -583,7 +585,7 @@ def main() -> None:
         print("\n".join(variants()))
         return
     chosen = args.variants or list(variants())
-    unknown = set(chosen) - set(variants())
+    unknown = set(chosen) - set(variants(chosen))
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; --list-variants lists them")
     print(machine(), flush=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 import maskc
-from maskc.codegen.spans import spans
+from maskc.codegen.block_lists import expand
+from maskc.codegen.spans import partial_steps, spans
 from oracle import spec_masks
 from strategies import specs
 
@@ -60,3 +62,37 @@ def test_masks_people_train_with_have_spans(mask):
 ])
 def test_other_masks_keep_the_generated_predicate(mask):
     assert spans(maskc.compile(maskc.Spec(q_len=40, kv_len=40, mask=mask))) is None
+
+
+@given(specs(max_heads=3), st.sampled_from([(4, 8), (8, 8), (16, 4), (8, 16)]), st.data())
+def test_trimmed_steps_are_those_that_meet_the_hull_of_each_programs_allowed_pairs(spec, blocks, data):
+    bq, bk = blocks
+    cm = maskc.compile(spec, block_size=blocks)
+    found = spans(cm)
+    if found is None:
+        return
+    dense = spec_masks(spec)
+    head_slot = cm.table.head_slot.numpy()
+    for forward in (True, False):
+        own_block, entry_block = (bq, bk) if forward else (bk, bq)
+        program = data.draw(st.sampled_from([p for p in (1, 2, 4, 8, 16) if own_block % p == 0]))
+        step = data.draw(st.sampled_from([t for t in (1, 2, 4, 8, 16) if entry_block % t == 0]))
+        own_len, entry_len = (spec.q_len, spec.kv_len) if forward else (spec.kv_len, spec.q_len)
+        cut = entry_len // entry_block if entry_len % entry_block else -1
+        lists = expand(cm.table.forward if forward else cm.table.backward, cut)
+        lo, hi = (found.row_lo, found.row_hi) if forward else (found.col_lo, found.col_hi)
+        ptr, idx = lists.part_ptr.numpy(), lists.part_idx.numpy()
+        trimmed = partial_steps(ptr, idx, lo, hi, own_block, entry_block, program, step)
+        subs = entry_block // step
+        for slot in range(len(lo)):
+            allowed = dense[int(np.flatnonzero(head_slot == slot)[0])] if len(dense) > 1 else dense[0]
+            allowed = allowed if forward else allowed.T
+            for p in range(-(-own_len // program)):
+                keys = np.flatnonzero(allowed[p * program:(p + 1) * program].any(axis=0))
+                hull = (keys[0], keys[-1] + 1) if len(keys) else (0, 0)
+                group = p * program // own_block
+                first, end = trimmed[slot, p]
+                for k in range(ptr[slot, group] * subs, ptr[slot, group + 1] * subs):
+                    start = idx[k // subs] * entry_block + k % subs * step
+                    meets = start < hull[1] and start + step > hull[0]
+                    assert (first <= k < end) == meets, (forward, slot, p, k)

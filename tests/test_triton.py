@@ -164,6 +164,33 @@ def test_tiles_smaller_than_table_blocks(monkeypatch, tiles):
     check(spec, block_size=(32, 64), heads=2, kv_heads=1)
 
 
+@pytest.mark.parametrize("name", sorted(set(PREDICATE_SPECS) - NO_SPANS))
+def test_programs_smaller_than_table_blocks_walk_only_the_steps_that_meet_their_spans(monkeypatch, name):
+    # tiles of 16 in table blocks of 32: PARTIAL steps outside a program's spans are left out
+    monkeypatch.setattr(tuning, "INTERPRETER", tuning.TileConfig(16, 16, 1, 1))
+    check(PREDICATE_SPECS[name], block_size=32)
+
+
+@pytest.mark.parametrize("name", ["causal", "documents", "window_bottom_right"])
+def test_masks_with_spans_and_long_rows_walk_full_and_partial_tiles_in_two_loops(monkeypatch, name):
+    monkeypatch.setattr(tuning, "SHORT_ROWS", 0)  # every mask has long rows
+    cm = check(PREDICATE_SPECS[name], block_size=32)
+    plan = ta.plan_for(cm, torch.device("cpu"))
+    assert plan.spans and not plan.short_rows and not plan.one_loop
+
+
+def test_the_causal_diagonal_block_loses_its_empty_step():
+    cm = maskc.compile(S(q_len=64, kv_len=64, mask=maskc.Causal()), block_size=32)
+    plan = ta.plan_for(cm, torch.device("cpu"))
+    rows = ta._partial_steps_of(cm, plan, "forward", tuning.TileConfig(16, 16, 1, 1))
+    keys = ta._partial_steps_of(cm, plan, "backward", tuning.TileConfig(16, 16, 1, 1))
+    # one list per program (FULL and PARTIAL blocks, ONE_LOOP): rows 0-15 meet one of the two steps
+    # of their diagonal block; rows 32-47 its first step after the two of the FULL block before it
+    assert plan.one_loop
+    assert (rows[0, :, 1] - rows[0, :, 0]).tolist() == [1, 2, 3, 4]
+    assert (keys[0, :, 1] - keys[0, :, 0]).tolist() == [4, 3, 2, 1]
+
+
 def test_masks_of_short_rows_take_their_own_tiles():
     causal = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.Causal()), block_size=16)  # 32.5 tiles a row
     window = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.SlidingWindow(left=100)), block_size=16)
@@ -228,6 +255,19 @@ def test_block_lists_hold_every_tile_once_full_tiles_cut_short_as_partial():
             assert part == [qb for qb in range(cm.n_q_blocks) if col[qb] == maskc.PARTIAL
                             or (col[qb] == maskc.FULL and qb == ragged_q)]
     assert (kinds[:, :, ragged_kv] == maskc.FULL).any() and (kinds[:, ragged_q] == maskc.FULL).any()
+
+
+def test_one_loop_lists_hold_every_tile_with_work_once_in_order():
+    spec = S(q_len=70, kv_len=90, mask=maskc.Documents(lengths=[30, 40], kv_lengths=[50, 40])
+             & maskc.Causal(align="bottom_right"))
+    cm = maskc.compile(spec, block_size=(32, 16))
+    plan = ta.plan_for(cm, torch.device("cpu"))
+    assert plan.one_loop
+    kinds = cm.block_kinds.numpy()[0]
+    for qb in range(cm.n_q_blocks):
+        assert _listed(plan.forward, 0, qb) == ([], [kb for kb in range(cm.n_kv_blocks) if kinds[qb, kb]])
+    for kb in range(cm.n_kv_blocks):
+        assert _listed(plan.backward, 0, kb) == ([], [qb for qb in range(cm.n_q_blocks) if kinds[qb, kb]])
 
 
 def test_full_tiles_cut_short_in_a_bit_pattern_slot():

@@ -6,7 +6,8 @@ A kernel that walked runs would start one software-pipelined loop per run,
 paying its prologue and epilogue each time; document and window masks have
 several short runs per block. The kernels therefore walk these lists instead:
 every group has exactly one loop over its FULL tiles and one over its PARTIAL
-tiles, whatever runs they form.
+tiles, whatever runs they form; masks whose spans tell the two apart in the
+kernel walk one list of both (``merged``).
 
 Layout, per direction (``forward``: groups are query blocks and entries key
 blocks; ``backward``: groups are key blocks and entries query blocks), with
@@ -69,6 +70,10 @@ def _tiles(ptr: torch.Tensor, runs: torch.Tensor) -> tuple[np.ndarray, np.ndarra
     return np.repeat(np.arange(len(per_list)), per_list)[run], entry, run
 
 
+def _int32(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
+
+
 def _csr(lists: np.ndarray, n_slots: int, n_groups: int) -> torch.Tensor:
     """``int32[S, G + 1]`` start offsets of sorted ``lists`` (each slot's row absolute)."""
     starts = np.zeros(n_slots * n_groups + 1, dtype=np.int64)
@@ -94,14 +99,29 @@ def expand(direction, ragged_entry: int) -> BlockLists:
     full_list, full_entry = full_list[~cut], full_entry[~cut]
     # the moved tiles hold each group's largest entry: a stable sort by list keeps entries ascending
     order = np.argsort(part_list, kind="stable")
-
-    def int32(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
-
     return BlockLists(
         full_ptr=_csr(full_list, n_slots, n_groups),
-        full_idx=int32(full_entry),
+        full_idx=_int32(full_entry),
         part_ptr=_csr(part_list, n_slots, n_groups),
-        part_idx=int32(part_entry[order]),
-        part_pattern=int32(part_pattern[order]),
+        part_idx=_int32(part_entry[order]),
+        part_pattern=_int32(part_pattern[order]),
     )
+
+
+def merged(lists: BlockLists) -> BlockLists:
+    """``lists`` with every group's FULL tiles moved into its PARTIAL list, entries ascending
+    (pattern -1): one list and one loop per group, for masks whose spans tell FULL steps
+    from PARTIAL ones in the kernel (``triton_attention.ONE_LOOP``)."""
+    n_slots, n_groups = lists.full_ptr.shape[0], lists.full_ptr.shape[1] - 1
+
+    def owners(ptr: torch.Tensor) -> np.ndarray:
+        return np.repeat(np.arange(n_slots * n_groups), np.diff(ptr.numpy(), axis=1).ravel())
+
+    owner = np.concatenate([owners(lists.full_ptr), owners(lists.part_ptr)])
+    entry = np.concatenate([lists.full_idx.numpy(), lists.part_idx.numpy()])
+    pattern = np.concatenate([np.full(len(lists.full_idx), -1), lists.part_pattern.numpy()])
+    order = np.lexsort((entry, owner))
+    return BlockLists(
+        full_ptr=torch.zeros_like(lists.full_ptr), full_idx=torch.zeros(0, dtype=torch.int32),
+        part_ptr=_csr(owner[order], n_slots, n_groups), part_idx=_int32(entry[order]),
+        part_pattern=_int32(pattern[order]))

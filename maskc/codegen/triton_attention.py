@@ -18,7 +18,13 @@ the list it comes from is a ``tl.constexpr``:
   (``CUT``); FULL tiles that it cuts short are listed here
   (``block_lists.py``).
 
-EMPTY tiles are in no list and never visited.
+EMPTY tiles are in no list and never visited. Where spans apply, a program
+smaller than its table block skips the PARTIAL steps that its own spans do
+not meet (``spans.partial_steps``: the empty half of a diagonal block), and
+masks of short rows (``Plan.short_rows``) walk one list per program holding
+FULL and PARTIAL tiles together (``ONE_LOOP``, kind ``EITHER``): a step is
+masked only where the program's spans do not cover it all, and each program
+starts one pipelined loop instead of two.
 
 Grids. Forward and dQ: ``(programs, batch * q_heads)`` where program ``t``
 owns ``BLOCK_M`` rows of query block ``order[slot, t // (BQ // BLOCK_M)]``:
@@ -62,7 +68,7 @@ import itertools
 import linecache
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -74,12 +80,13 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from . import tuning
-from .block_lists import BlockLists, expand, nonempty
+from .block_lists import BlockLists, expand, merged, nonempty
 from .predicate import FUNCTION_NAME, mask_code
-from .spans import spans
+from .spans import partial_steps, spans
 
 FULL = tl.constexpr(2)  # the tile kinds' values in ``CompiledMask.block_kinds``
 PARTIAL = tl.constexpr(1)
+EITHER = tl.constexpr(3)  # a list of FULL and PARTIAL tiles, told apart per step by the spans (one loop)
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
 
@@ -114,6 +121,19 @@ def _list_span(ptr, at):
 
 
 @triton.jit
+def _partial_steps(part_ptr, at, part_steps, slot, pos, n, STEPS: tl.constexpr, PROGRAM: tl.constexpr,
+                   SPANS: tl.constexpr):
+    """Steps ``[first, end)`` of a program's PARTIAL list: with spans, only those that meet the
+    spans of its ``PROGRAM`` positions from ``pos`` (``spans.partial_steps``); else all of it."""
+    if SPANS:
+        trimmed = part_steps + (slot * tl.cdiv(n, PROGRAM) + pos // PROGRAM) * 2
+        return tl.load(trimmed), tl.load(trimmed + 1)
+    else:
+        lo, hi = _list_span(part_ptr, at)
+        return lo * STEPS, hi * STEPS
+
+
+@triton.jit
 def _spans_of(lo_ptr, hi_ptr, pos, n, SPANS: tl.constexpr):
     """The spans ``[lo, hi)`` of positions ``pos`` on a program's own axis (``spans.py``), empty
     past ``n``; without spans, ``pos`` twice (not read)."""
@@ -125,15 +145,38 @@ def _spans_of(lo_ptr, hi_ptr, pos, n, SPANS: tl.constexpr):
 
 
 @triton.jit
+def _inside(moving, span_lo, span_hi):
+    """The positions along the loop, ``moving``, that lie inside the spans of the program's own."""
+    return (moving >= span_lo) & (moving < span_hi)
+
+
+@triton.jit
 def _allowed(i, j, moving, span_lo, span_hi, q_len, kv_len, mask_args, mask_data, patterns, pattern_at,
              partial_mask: tl.constexpr, SPANS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     """Allowed ``(i, j)`` on a PARTIAL tile (``i``, ``j`` broadcast to the tile's orientation):
     the positions along the loop, ``moving``, inside the spans of the program's own positions, or
     the generated predicate (``pattern_at`` points at the tile's bit pattern)."""
     if SPANS:
-        return (moving >= span_lo) & (moving < span_hi)
+        return _inside(moving, span_lo, span_hi)
     else:
         return partial_mask(i, j, q_len, kv_len, mask_args, mask_data, patterns, tl.load(pattern_at), BQ, BK)
+
+
+@triton.jit
+def _whole(start, STEP: tl.constexpr, whole_lo, whole_hi):
+    """A step of ``STEP`` positions from ``start`` that every span of the program covers
+    (``whole_lo``: the largest start of its spans, ``whole_hi``: the smallest end)."""
+    return (start >= whole_lo) & (start + STEP <= whole_hi)
+
+
+@triton.jit
+def _masked_softmax_step(t, m_i):
+    """``(p, new row maximum, reference)`` of one online-softmax step over scaled scores ``t``
+    that are ``-inf`` where not allowed: a row with nothing allowed so far keeps ``m = -inf``
+    and exponentiates against 0 instead."""
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.math.exp2(t - m_ref[:, None]), m_new, m_ref
 
 
 @triton.jit
@@ -161,19 +204,20 @@ def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, B
 
 # -- forward ------------------------------------------------------------------------
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, k_base, v_base, stride_kn, stride_kd, stride_vn,
-               stride_vd, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-               partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
-               BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-               BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over the key blocks ``blocks[lo:hi]``, ``BLOCK_N`` keys a step.
-    ``qk_scale >= 0``: FULL tiles scale each row's maximum, and their scores in one FMA."""
+def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_base, v_base, stride_kn, stride_kd,
+               stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
+               patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ:
+               tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over steps ``first`` to ``end`` of the key blocks ``blocks`` (``BLOCK_N``
+    keys a step, ``BK // BLOCK_N`` steps a block). ``qk_scale >= 0``: FULL tiles scale each
+    row's maximum, and their scores in one FMA."""
     SUBS: tl.constexpr = BK // BLOCK_N
-    CHECK: tl.constexpr = (KIND == PARTIAL) & CUT  # bounds-checked loads
-    end = hi * SUBS
-    start_n = _step_start(blocks, lo * SUBS, end, BK, BLOCK_N)
-    for step in range(lo * SUBS, end):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    CHECK: tl.constexpr = (KIND != FULL) & CUT  # bounds-checked loads
+    start_n = _step_start(blocks, first, end, BK, BLOCK_N)
+    for step in range(first, end):
+        at_n = start_n
+        offs_n = at_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
         k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -181,15 +225,16 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, k_base, v_base, stride_
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_ref = m_new
             p = tl.math.exp2(s * qk_scale - m_ref[:, None])
-        else:
+        elif KIND == PARTIAL:
             allowed = _allowed(offs_m[:, None], offs_n[None, :], offs_n[None, :], row_lo[:, None], row_hi[:, None],
                                q_len, kv_len, mask_args, mask_data, patterns, pattern_of + step // SUBS,
                                partial_mask, SPANS, BQ, BK)
-            s = tl.where(allowed, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with nothing allowed so far keeps m = -inf; exponentiate against 0 instead
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_ref[:, None])
+            p, m_new, m_ref = _masked_softmax_step(tl.where(allowed, s * qk_scale, float("-inf")), m_i)
+        else:  # EITHER: the spans mask the steps they do not cover (a branch, not a select per score)
+            t = s * qk_scale
+            if not _whole(at_n, BLOCK_N, whole_lo, whole_hi):
+                t = tl.where(_inside(offs_n[None, :], row_lo[:, None], row_hi[:, None]), t, float("-inf"))
+            p, m_new, m_ref = _masked_softmax_step(t, m_i)
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, CHECK)
@@ -205,10 +250,11 @@ def _attn_fwd(Q, K, V, Out, Lse,
               n_heads, group, q_len, kv_len, qk_scale,
               head_slot, n_mask_heads, order, n_active, n_q_blocks,
               full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
-              row_lo, row_hi,
-              partial_mask: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr,
-              BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-              BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+              row_lo, row_hi, part_steps,
+              partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
+              BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+              PRECISION: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
@@ -229,17 +275,20 @@ def _attn_fwd(Q, K, V, Out, Lse,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
+    STEPS: tl.constexpr = BK // BLOCK_N  # kernel steps a listed key block
     at = slot * (n_q_blocks + 1) + qb
-    lo, hi = _list_span(full_ptr, at)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale,
-                               mask_args, mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N,
-                               HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
-    lo, hi = _list_span(part_ptr, at)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale,
-                               mask_args, mask_data, patterns, partial_mask, PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N,
-                               HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    if not ONE_LOOP:
+        lo, hi = _list_span(full_ptr, at)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, 0, 0, k_base, v_base, stride_kn,
+                                   stride_kd, stride_vn, stride_vd, full_idx, part_pattern, lo * STEPS, hi * STEPS,
+                                   q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask, FULL, SPANS,
+                                   CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    first, end = _partial_steps(part_ptr, at, part_steps, slot, start_m, q_len, STEPS, BLOCK_M, SPANS)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0),
+                               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, part_idx, part_pattern,
+                               first, end, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
+                               EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D,
+                               HEAD_DV, BLOCK_DV, PRECISION)
 
     empty = l_i == 0.0  # rows with no allowed key: output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -265,18 +314,19 @@ def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, k_base, v_base, stride_kn, stride_kd, stride_vn,
-              stride_vd, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
-              partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
-              BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-              BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """``dQ += dS K`` over the key blocks ``blocks[lo:hi]``, with ``dS = P * (dO V^T - delta)``."""
+def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_base, v_base, stride_kn, stride_kd,
+              stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
+              patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ:
+              tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """``dQ += dS K`` over steps ``first`` to ``end`` of the key blocks ``blocks``, with
+    ``dS = P * (dO V^T - delta)``."""
     SUBS: tl.constexpr = BK // BLOCK_N
-    CHECK: tl.constexpr = (KIND == PARTIAL) & CUT  # bounds-checked loads
-    end = hi * SUBS
-    start_n = _step_start(blocks, lo * SUBS, end, BK, BLOCK_N)
-    for step in range(lo * SUBS, end):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    CHECK: tl.constexpr = (KIND != FULL) & CUT  # bounds-checked loads
+    start_n = _step_start(blocks, first, end, BK, BLOCK_N)
+    for step in range(first, end):
+        at_n = start_n
+        offs_n = at_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
         k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK)
         v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, CHECK)
@@ -289,6 +339,9 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, k_base, v_base, st
                                q_len, kv_len, mask_args, mask_data, patterns, pattern_of + step // SUBS,
                                partial_mask, SPANS, BQ, BK)
             p = tl.where(allowed, p, 0.0)
+        elif KIND == EITHER:
+            if not _whole(at_n, BLOCK_N, whole_lo, whole_hi):
+                p = tl.where(_inside(offs_n[None, :], row_lo[:, None], row_hi[:, None]), p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
@@ -302,10 +355,11 @@ def _attn_bwd_dq(Q, K, V, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  n_heads, group, q_len, kv_len, qk_scale, scale,
                  head_slot, n_mask_heads, order, n_active, n_q_blocks,
                  full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
-                 row_lo, row_hi,
-                 partial_mask: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr,
-                 BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                 row_lo, row_hi, part_steps,
+                 partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
+                 BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 PRECISION: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
@@ -329,36 +383,39 @@ def _attn_bwd_dq(Q, K, V, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
     lse2, delta = _row_terms(o, do, Lse, dLse, Lse2, Delta, bh.to(tl.int64) * q_len + offs_m, offs_m < q_len)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    STEPS: tl.constexpr = BK // BLOCK_N  # kernel steps a listed key block
     at = slot * (n_q_blocks + 1) + qb
-    lo, hi = _list_span(full_ptr, at)
-    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
-                   stride_vn, stride_vd, full_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args,
-                   mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D,
-                   HEAD_DV, BLOCK_DV, PRECISION)
-    lo, hi = _list_span(part_ptr, at)
-    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, k_base, v_base, stride_kn, stride_kd,
-                   stride_vn, stride_vd, part_idx, part_pattern, lo, hi, q_len, kv_len, qk_scale, mask_args,
-                   mask_data, patterns, partial_mask, PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D,
-                   HEAD_DV, BLOCK_DV, PRECISION)
+    if not ONE_LOOP:
+        lo, hi = _list_span(full_ptr, at)
+        dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, 0, 0, k_base, v_base, stride_kn, stride_kd,
+                       stride_vn, stride_vd, full_idx, part_pattern, lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale,
+                       mask_args, mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D,
+                       BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+    first, end = _partial_steps(part_ptr, at, part_steps, slot, start_m, q_len, STEPS, BLOCK_M, SPANS)
+    dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0),
+                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, part_idx, part_pattern, first, end,
+                   q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
+                   EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                   PRECISION)
     _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq * scale, offs_m, q_len,
                 stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, q_base, do_base, lse2_base, delta_base, stride_qm,
-                stride_qd, stride_dom, stride_dod, blocks, pattern_of, lo, hi, q_len, kv_len, qk_scale, mask_args,
-                mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_base, do_base, lse2_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, blocks, pattern_of, first, end, q_len, kv_len, qk_scale,
+                mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr,
                 CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
                 BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """``dV += P^T dO`` and ``dK += dS^T Q`` over the query blocks ``blocks[lo:hi]``, in the
-    transposed orientation (keys down, queries across). Queries past the end load as zero
-    with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
+    """``dV += P^T dO`` and ``dK += dS^T Q`` over steps ``first`` to ``end`` of the query blocks
+    ``blocks``, in the transposed orientation (keys down, queries across). Queries past the end
+    load as zero with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
     SUBS: tl.constexpr = BQ // BLOCK_M
-    CHECK: tl.constexpr = (KIND == PARTIAL) & CUT  # bounds-checked loads
-    end = hi * SUBS
-    start_m = _step_start(blocks, lo * SUBS, end, BQ, BLOCK_M)
-    for step in range(lo * SUBS, end):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    CHECK: tl.constexpr = (KIND != FULL) & CUT  # bounds-checked loads
+    start_m = _step_start(blocks, first, end, BQ, BLOCK_M)
+    for step in range(first, end):
+        at_m = start_m
+        offs_m = at_m + tl.arange(0, BLOCK_M)
         start_m = _step_start(blocks, step + 1, end, BQ, BLOCK_M)
         q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, CHECK)
         do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, CHECK)
@@ -376,6 +433,9 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, q_base, do_base, lse2_base
                                q_len, kv_len, mask_args, mask_data, patterns, pattern_of + step // SUBS,
                                partial_mask, SPANS, BQ, BK)
             p_t = tl.where(allowed, p_t, 0.0)
+        elif KIND == EITHER:
+            if not _whole(at_m, BLOCK_M, whole_lo, whole_hi):
+                p_t = tl.where(_inside(offs_m[None, :], col_lo[:, None], col_hi[:, None]), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
@@ -390,13 +450,15 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
                    n_heads, n_kv_heads, group, q_len, kv_len, qk_scale, scale,
                    head_slot, n_mask_heads, kv_order, n_kv_blocks,
                    full_ptr, full_idx, part_ptr, part_idx, part_pattern, mask_args, args_width, mask_data, patterns,
-                   col_lo, col_hi,
-                   partial_mask: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr,
-                   BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                   BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                   col_lo, col_hi, part_steps,
+                   partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
+                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   PRECISION: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
     tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
     SUBS: tl.constexpr = BK // BLOCK_N
+    STEPS: tl.constexpr = BQ // BLOCK_M  # kernel steps a listed query block
     bh = tl.program_id(1)
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
     task = tl.program_id(0)
@@ -421,16 +483,19 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
         do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row_base = (b * n_heads + h).to(tl.int64) * q_len
         at = slot * (n_kv_blocks + 1) + kb
-        lo, hi = _list_span(full_ptr, at)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, q_base, do_base, Lse2 + row_base,
-                             Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod, full_idx, part_pattern,
-                             lo, hi, q_len, kv_len, qk_scale, slot_args, mask_data, patterns, partial_mask, FULL,
-                             SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
-        lo, hi = _list_span(part_ptr, at)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, q_base, do_base, Lse2 + row_base,
-                             Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod, part_idx, part_pattern,
-                             lo, hi, q_len, kv_len, qk_scale, slot_args, mask_data, patterns, partial_mask, PARTIAL,
-                             SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        if not ONE_LOOP:
+            lo, hi = _list_span(full_ptr, at)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, 0, 0, q_base, do_base, Lse2 + row_base,
+                                 Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod, full_idx,
+                                 part_pattern, lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale, slot_args, mask_data,
+                                 patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV,
+                                 BLOCK_DV, PRECISION)
+        first, end = _partial_steps(part_ptr, at, part_steps, slot, start_n, kv_len, STEPS, BLOCK_N, SPANS)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0), q_base,
+                             do_base, Lse2 + row_base, Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                             part_idx, part_pattern, first, end, q_len, kv_len, qk_scale, slot_args, mask_data,
+                             patterns, partial_mask, EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_M,
+                             HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
     _store_tile(dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, dk * scale, offs_n, kv_len,
                 stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
     _store_tile(dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, dv, offs_n, kv_len,
@@ -449,6 +514,12 @@ def interpreting() -> bool:
 #: PARTIAL tiles of masks that qualify (``spans.py``) test spans loaded once per program; False
 #: makes every mask run its generated predicate (the tests and bench/gpu_bench.py run both).
 USE_SPANS = True
+
+#: Masks with spans and short rows walk one list per program, FULL and PARTIAL tiles together,
+#: and test a step only where the program's spans do not cover it (``block_lists.merged``): one
+#: pipeline start a program instead of two. False: two loops, as for every other mask (long rows
+#: keep them: one loop spilled more registers in the backward, bench/RESULTS.md).
+ONE_LOOP = True
 
 _predicates: dict[str, Callable] = {}
 
@@ -473,6 +544,7 @@ class Plan:
 
     source: str
     spans: bool  # PARTIAL tiles test the spans below instead of calling the generated predicate
+    one_loop: bool  # spans and short rows: one list per group (ONE_LOOP)
     row_lo: torch.Tensor  # int32[S, q_len] with spans, else one unused zero; the same for the next three
     row_hi: torch.Tensor
     col_lo: torch.Tensor  # int32[S, kv_len]
@@ -491,6 +563,8 @@ class Plan:
     mask_args: torch.Tensor  # int32[S, A]
     mask_data: torch.Tensor  # int32[N]
     patterns: torch.Tensor  # uint8[P, BQ, BK]
+    # (direction, program, step) -> int32[S, programs, 2], the trimmed PARTIAL steps (_partial_steps_of)
+    trimmed: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def predicate(self):
@@ -521,17 +595,24 @@ def _build_plan(cm, device: torch.device) -> Plan:
     def span(name: str) -> torch.Tensor:
         return unused if found is None else torch.from_numpy(getattr(found, name)).to(device)
 
+    one_loop = found is not None and short_rows and ONE_LOOP
+
+    def lists(direction, ragged_entry: int) -> BlockLists:
+        found_lists = expand(direction, ragged_entry)
+        return (merged(found_lists) if one_loop else found_lists).to(device)
+
     return Plan(
         source=code.source,
         spans=found is not None,
+        one_loop=one_loop,
         row_lo=span("row_lo"),
         row_hi=span("row_hi"),
         col_lo=span("col_lo"),
         col_hi=span("col_hi"),
         cut=ragged(cm.q_len, bq) >= 0 or ragged(cm.kv_len, bk) >= 0,
         head_slot=table.head_slot.to(device),
-        forward=expand(table.forward, ragged(cm.kv_len, bk)).to(device),
-        backward=expand(table.backward, ragged(cm.q_len, bq)).to(device),
+        forward=lists(table.forward, ragged(cm.kv_len, bk)),
+        backward=lists(table.backward, ragged(cm.q_len, bq)),
         q_order=q_order.contiguous().to(device),
         n_active_q=torch.from_numpy(n_active_q.astype(np.int32)).to(device),
         max_active_q=int(n_active_q.max(initial=0)),
@@ -553,6 +634,26 @@ def plan_for(cm, device: torch.device) -> Plan:
     if device not in per_device:
         per_device[device] = _build_plan(cm, device)
     return per_device[device]
+
+
+def _partial_steps_of(cm, plan: Plan, direction: str, config: tuning.TileConfig) -> torch.Tensor:
+    """With spans, each program's PARTIAL steps that meet its spans (``spans.partial_steps``), on
+    the device, for ``direction`` (``"forward"``: programs of ``block_m`` rows stepping
+    ``block_n`` keys, for the forward and dQ; ``"backward"``: ``block_n`` keys stepping
+    ``block_m`` rows); built once per plan and tiles. Without spans, unused."""
+    if not plan.spans:
+        return plan.row_lo
+    forward = direction == "forward"
+    program, step = (config.block_m, config.block_n) if forward else (config.block_n, config.block_m)
+    key = (direction, program, step)
+    if key not in plan.trimmed:
+        bq, bk = cm.block_size
+        lists = plan.forward if forward else plan.backward
+        lo, hi = (plan.row_lo, plan.row_hi) if forward else (plan.col_lo, plan.col_hi)
+        found = partial_steps(lists.part_ptr.cpu().numpy(), lists.part_idx.cpu().numpy(), lo.cpu().numpy(),
+                              hi.cpu().numpy(), bq if forward else bk, bk if forward else bq, program, step)
+        plan.trimmed[key] = torch.from_numpy(found).to(lo.device)
+    return plan.trimmed[key]
 
 
 def kernel_source(cm) -> str:
@@ -587,8 +688,8 @@ def _run(kernel: str, cm, plan: Plan, q, v, launch: Callable[[tuning.TileConfig]
     fits is remembered per kernel, device, dtype, head dims, table blocks, mask structure and row
     length (``Plan.short_rows``)."""
     bq, bk = cm.block_size
-    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source, plan.spans, plan.cut,
-           plan.short_rows)
+    key = (kernel, q.device, q.dtype, q.shape[-1], v.shape[-1], cm.block_size, plan.source, plan.spans, plan.one_loop,
+           plan.cut, plan.short_rows)
     if key in _fitted:
         launch(_fitted[key])
         return
@@ -621,9 +722,9 @@ def _shared(cm, plan: Plan, q, v) -> dict:
     """Constexpr and table arguments common to the three attention kernels."""
     bq, bk = cm.block_size
     return dict(
-        partial_mask=plan.predicate, SPANS=plan.spans, CUT=plan.cut, BQ=bq, BK=bk, HEAD_D=q.shape[-1],
-        BLOCK_D=tuning.head_bucket(q.shape[-1]), HEAD_DV=v.shape[-1], BLOCK_DV=tuning.head_bucket(v.shape[-1]),
-        PRECISION=_precision(q.dtype),
+        partial_mask=plan.predicate, SPANS=plan.spans, ONE_LOOP=plan.one_loop, CUT=plan.cut, BQ=bq, BK=bk,
+        HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]), HEAD_DV=v.shape[-1],
+        BLOCK_DV=tuning.head_bucket(v.shape[-1]), PRECISION=_precision(q.dtype),
     )
 
 
@@ -646,8 +747,8 @@ def _forward(cm, q, k, v, scale: float):
             plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
             lists.full_ptr, lists.full_idx, lists.part_ptr, lists.part_idx, lists.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.row_lo, plan.row_hi,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-            num_stages=config.num_stages, **_shared(cm, plan, q, v),
+            _partial_steps_of(cm, plan, "forward", config), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages, **_shared(cm, plan, q, v),
         )
 
     _run("forward", cm, plan, q, v, launch)
@@ -679,8 +780,8 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
             plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
             fwd.full_ptr, fwd.full_idx, fwd.part_ptr, fwd.part_idx, fwd.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.row_lo, plan.row_hi,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-            num_stages=config.num_stages, **shared,
+            _partial_steps_of(cm, plan, "forward", config), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages, **shared,
         )
 
     def launch_dkdv(config: tuning.TileConfig) -> None:
@@ -691,8 +792,8 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
             scale, plan.head_slot, len(plan.head_slot), plan.kv_order, cm.n_kv_blocks,
             bwd.full_ptr, bwd.full_idx, bwd.part_ptr, bwd.part_idx, bwd.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.col_lo, plan.col_hi,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-            num_stages=config.num_stages, **shared,
+            _partial_steps_of(cm, plan, "backward", config), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages, **shared,
         )
 
     _run("dq", cm, plan, q, v, launch_dq)  # first: it computes the row terms dK/dV reads

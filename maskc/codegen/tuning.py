@@ -72,11 +72,16 @@ DEFAULTS_16BIT = {
 #: start and end behind the other's steps.
 SHORT_ROWS = 32
 
-#: Where short rows change the configs of ``DEFAULTS_16BIT``: the forward (H200, 128K tokens,
-#: useful TFLOP/s, one call: document-causal 384 against 372 with 128 x 128 tiles, sliding window
-#: 1024 377 against 362; in other calls the two were even; bench/RESULTS.md).
+#: Where short rows change the configs of ``DEFAULTS_16BIT`` (bench/RESULTS.md, 128K tokens, useful
+#: TFLOP/s). The forward: H200, one call, document-causal 384 against 372 with 128 x 128 tiles,
+#: sliding window 1024 377 against 362 (in other calls the two were even); its programs of 64
+#: rows also leave out the steps their spans do not meet (``spans.partial_steps``). dK/dV in
+#: programs of 64 keys, 32 queries a step, two programs a multiprocessor: H100, four calls,
+#: backward document-causal 309-331 against 320-322 with 64 x 128 tiles, window 308-314
+#: against 292-302.
 SHORT_ROWS_16BIT = {
     ("forward", 128): TileConfig(64, 64, 4, 3),
+    ("dkdv", 128): TileConfig(32, 64, 4, 3),
 }
 
 #: float32 inputs (tests, checks): smaller tiles, the scores take twice the registers.
