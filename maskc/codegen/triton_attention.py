@@ -206,8 +206,8 @@ def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, B
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_base, v_base, stride_kn, stride_kd,
                stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
-               patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ:
-               tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+               patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
+               BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over steps ``first`` to ``end`` of the key blocks ``blocks`` (``BLOCK_N``
     keys a step, ``BK // BLOCK_N`` steps a block). ``qk_scale >= 0``: FULL tiles scale each
@@ -316,8 +316,8 @@ def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_base, v_base, stride_kn, stride_kd,
               stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
-              patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr, BQ:
-              tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+              patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
+              BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """``dQ += dS K`` over steps ``first`` to ``end`` of the key blocks ``blocks``, with
     ``dS = P * (dO V^T - delta)``."""
