@@ -59,15 +59,20 @@ def nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
+def owners(ptr: np.ndarray) -> np.ndarray:
+    """For each item of the arrays that ``ptr`` (``[S, G + 1]``) splits into per-group lists,
+    its list ``slot * G + group`` (the slots' items follow one another)."""
+    per_list = np.diff(ptr, axis=1).ravel()
+    return np.repeat(np.arange(len(per_list)), per_list)
+
+
 def _tiles(ptr: torch.Tensor, runs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(list, entry, run)`` of every tile of a run table: ``list = slot * G + group``,
     and the run it came from."""
-    ptr = ptr.numpy().astype(np.int64)
     runs = runs.numpy().astype(np.int64).reshape(-1, 2)
-    per_list = np.diff(ptr, axis=1).ravel()  # slot-major; each slot's runs follow the previous slot's
     cells = Runs(np.arange(len(runs)), runs[:, 0], runs[:, 1])
     run, entry = cells.cells()
-    return np.repeat(np.arange(len(per_list)), per_list)[run], entry, run
+    return owners(ptr.numpy().astype(np.int64))[run], entry, run
 
 
 def _int32(x: np.ndarray) -> torch.Tensor:
@@ -113,11 +118,7 @@ def merged(lists: BlockLists) -> BlockLists:
     (pattern -1): one list and one loop per group, for masks whose spans tell FULL steps
     from PARTIAL ones in the kernel (``triton_attention.ONE_LOOP``)."""
     n_slots, n_groups = lists.full_ptr.shape[0], lists.full_ptr.shape[1] - 1
-
-    def owners(ptr: torch.Tensor) -> np.ndarray:
-        return np.repeat(np.arange(n_slots * n_groups), np.diff(ptr.numpy(), axis=1).ravel())
-
-    owner = np.concatenate([owners(lists.full_ptr), owners(lists.part_ptr)])
+    owner = np.concatenate([owners(lists.full_ptr.numpy()), owners(lists.part_ptr.numpy())])
     entry = np.concatenate([lists.full_idx.numpy(), lists.part_idx.numpy()])
     pattern = np.concatenate([np.full(len(lists.full_idx), -1), lists.part_pattern.numpy()])
     order = np.lexsort((entry, owner))

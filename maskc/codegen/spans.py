@@ -55,6 +55,7 @@ from typing import Optional
 import numpy as np
 
 from ..passes.lower import Bounds
+from .block_lists import owners
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def partial_steps(ptr: np.ndarray, idx: np.ndarray, lo: np.ndarray, hi: np.ndarr
     # every step of every list as one ascending key: list * width + first entry position
     ptr = ptr.astype(np.int64)
     n_groups = ptr.shape[1] - 1
-    entry_list = np.repeat(np.arange(n_slots * n_groups), np.diff(ptr, axis=1).ravel())
+    entry_list = owners(ptr)
     width = (int(idx.max(initial=0)) + 2) * entry_block
     keys = ((entry_list * width + idx.astype(np.int64) * entry_block)[:, None]
             + np.arange(subs) * step).ravel()
