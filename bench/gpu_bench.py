@@ -208,11 +208,11 @@ def untrimmed_steps(ptr, idx, lo, hi, own_block, entry_block, program, step):
 
 
 @contextlib.contextmanager
-def variant(configs=(), one_loop=True, spans=True, trim=True):
+def variant(configs=(), one_loop=True, spans=True, trim=True, tma=triton_attention.USE_TMA):
     """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), with spans
     but FULL and PARTIAL tiles in two loops (``triton_attention.ONE_LOOP``), without spans
     (``codegen/spans.py``): the generated predicate on every PARTIAL tile, or with spans but
-    every PARTIAL step walked (``untrimmed_steps``)."""
+    every PARTIAL step walked (``untrimmed_steps``), with TMA copies in the kernels ``tma`` only."""
     saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
     for kernel, config in configs:  # for masks of long and short rows alike
         tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
@@ -221,6 +221,7 @@ def variant(configs=(), one_loop=True, spans=True, trim=True):
     if not trim:
         triton_attention.partial_steps = untrimmed_steps
     triton_attention.USE_SPANS = spans
+    saved_tma, triton_attention.USE_TMA = triton_attention.USE_TMA, frozenset(tma)
     triton_attention._fitted.clear()
     triton_attention._plans.clear()
     try:
@@ -232,6 +233,7 @@ def variant(configs=(), one_loop=True, spans=True, trim=True):
         triton_attention.partial_steps = trimmed
         triton_attention.ONE_LOOP = True
         triton_attention.USE_SPANS = True
+        triton_attention.USE_TMA = saved_tma
         triton_attention._fitted.clear()
         triton_attention._plans.clear()
 
@@ -253,7 +255,8 @@ def variants(names=()) -> dict:
     configs outside the candidates, written like them (``"dkdv 32x64 w4 s2"``)."""
     out = {"defaults": (128, {}, "fwd bwd"), "two loops": (128, dict(one_loop=False), "fwd bwd"),
            "generated predicate": (128, dict(spans=False), "fwd bwd"),
-           "untrimmed": (128, dict(trim=False), "fwd bwd")}
+           "untrimmed": (128, dict(trim=False), "fwd bwd"), "no tma": (128, dict(tma=()), "fwd bwd"),
+           "tma everywhere": (128, dict(tma=tuning.KERNELS), "fwd bwd")}
     out.update({name: (block, dict(configs=configs), "fwd bwd") for name, (block, configs) in TILE_SETS.items()})
     for kernel in tuning.KERNELS:  # each candidate for masks of long and short rows alike
         for config in tuning.CANDIDATES[kernel]:

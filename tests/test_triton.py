@@ -202,7 +202,8 @@ def test_masks_of_short_rows_take_their_own_tiles():
         assert tuning.default_config(kernel, gpu, torch.bfloat16, 128) == tuning.DEFAULTS_16BIT[key]
         assert tuning.default_config(kernel, gpu, torch.bfloat16, 128, short_rows=True) == \
             tuning.SHORT_ROWS_16BIT.get(key, tuning.DEFAULTS_16BIT[key])
-    assert tuning.default_config("forward", gpu, torch.float32, 128, short_rows=True) == tuning.DEFAULTS_32BIT["forward"]
+    fp32_forward = tuning.default_config("forward", gpu, torch.float32, 128, short_rows=True)
+    assert fp32_forward == tuning.DEFAULTS_32BIT["forward"]
 
 
 def test_short_rows_launch_in_sequence_order_long_rows_heaviest_first():
@@ -215,6 +216,47 @@ def test_short_rows_launch_in_sequence_order_long_rows_heaviest_first():
     assert window.short_rows and int(window.n_active_q[0]) == 64 - 12
     assert window.q_order[0, :52].tolist() == list(range(12, 64))  # blocks with work, in sequence order
     assert window.kv_order.tolist() == list(range(10, 64))
+
+
+@pytest.mark.parametrize("kernels", [(), tuning.KERNELS], ids=["pointers", "tma_everywhere"])
+def test_tma_copies_and_pointer_loads_both_match_the_oracle(monkeypatch, kernels):
+    # by default the forward and dQ copy K/V tiles through descriptors (the interpreter runs them
+    # too) and dK/dV loads Q/dO with pointers; here every kernel does one or the other. Cut
+    # sequences, a head dim padded from 24 to 32, GQA, spans in one loop, and a generated predicate.
+    monkeypatch.setattr(ta, "USE_TMA", frozenset(kernels))
+    check(PREDICATE_SPECS["documents_kv"], heads=4, kv_heads=2, head_dim=24)
+    check(PREDICATE_SPECS["window"], block_size=32)
+    check(PREDICATE_SPECS["dense"])
+
+
+def test_tma_takes_any_layout_a_descriptor_can_describe():
+    spec = PREDICATE_SPECS["documents"]
+    cm = maskc.compile(spec, block_size=16)
+    torch.manual_seed(0)
+    qkv = [torch.randn(2, spec.q_len, 2, 24, dtype=torch.float16) for _ in range(3)]  # [batch, seq, heads, dim]
+
+    def run(q, k, v):
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = cm(q, k, v, backend="triton")
+        return [out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))]
+
+    transposed = [t.transpose(1, 2) for t in qkv]  # strides (seq * 48, 24, 48, 1): descriptors allowed
+    assert ta._tma("forward", *transposed)
+    for got, want in zip(run(*transposed), run(*(t.contiguous() for t in transposed))):
+        assert torch.equal(got, want)
+
+
+def test_tensors_a_descriptor_cannot_describe_load_with_pointers():
+    half = torch.float16
+    assert ta._tma("dq", torch.zeros(1, 2, 8, 24, dtype=half))
+    assert not ta._tma("dq", torch.zeros(1, 2, 8, 20, dtype=half))  # rows of 40 bytes
+    assert not ta._tma("dq", torch.zeros(1, 1, 8, 24, dtype=half).expand(1, 3, 8, 24))  # heads at stride 0
+    assert not ta._tma("dq", torch.zeros(1, 2, 24, 8, dtype=half).transpose(2, 3))  # head dim not contiguous
+    assert not ta._tma("dq", torch.zeros(1, 2, 8, 25, dtype=half)[..., 1:])  # base off 16 bytes
+    assert not ta._tma("dkdv", torch.zeros(1, 2, 8, 24, dtype=half))  # not in USE_TMA
+    # a dimension of size 1 may have any stride: the descriptor gets one past the tensor
+    single = torch.zeros(2 * 8 * 24, dtype=half).as_strided((1, 2, 8, 24), (7, 8 * 24, 24, 1))
+    assert ta._tma("dq", single) and ta._strides(single) == [2 * 8 * 24, 8 * 24, 24, 1]
 
 
 def test_float16():

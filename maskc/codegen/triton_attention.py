@@ -16,7 +16,9 @@ the list it comes from is a ``tl.constexpr``:
   the kernels as a ``tl.constexpr`` function) decides it. Loads are
   bounds-checked only where the end of a sequence cuts a table block short
   (``CUT``); FULL tiles that it cuts short are listed here
-  (``block_lists.py``).
+  (``block_lists.py``). On sm_90 and later the forward and dQ steps copy
+  their K/V tiles through TMA descriptors instead (``USE_TMA``,
+  ``_load_step``), where the copy engine zero-fills past the ends.
 
 EMPTY tiles are in no list and never visited. Where spans apply, a program
 smaller than its table block skips the PARTIAL steps that its own spans do
@@ -78,6 +80,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
 from .block_lists import BlockLists, expand, merged, nonempty
@@ -112,6 +115,18 @@ def _store_tile(base, value, rows, n_rows, stride_row, stride_col, N_COLS: tl.co
     cols = tl.arange(0, BLOCK_COLS)
     ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+
+
+@triton.jit
+def _load_step(desc, base, b, h, start, rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr,
+               BLOCK_COLS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr):
+    """A loop step's tile, rows ``rows`` (from ``start``) of head ``(b, h)``: copied by the tensor
+    memory accelerator through the descriptor ``desc`` of the whole ``[batch, heads, rows, cols]``
+    tensor (rows and columns past its ends read as zero), else loaded from ``base``."""
+    if TMA:
+        return desc.load([b, h, start, 0]).reshape(rows.shape[0], BLOCK_COLS)
+    else:
+        return _load_tile(base, rows, n_rows, stride_row, stride_col, N_COLS, BLOCK_COLS, CHECK)
 
 
 @triton.jit
@@ -204,11 +219,12 @@ def _query_program(head, head_slot, n_mask_heads, order, n_active, n_q_blocks, B
 
 # -- forward ------------------------------------------------------------------------
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_base, v_base, stride_kn, stride_kd,
-               stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
-               patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
-               BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_desc, v_desc, b, kv_head, k_base,
+               v_base, stride_kn, stride_kd, stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len,
+               qk_scale, mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr,
+               SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+               PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over steps ``first`` to ``end`` of the key blocks ``blocks`` (``BLOCK_N``
     keys a step, ``BK // BLOCK_N`` steps a block). ``qk_scale >= 0``: FULL tiles scale each
     row's maximum, and their scores in one FMA."""
@@ -219,7 +235,8 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_b
         at_n = start_n
         offs_n = at_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK)
+        k = _load_step(k_desc, k_base, b, kv_head, at_n, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK,
+                       TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if KIND == FULL:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -237,14 +254,15 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_b
             p, m_new, m_ref = _masked_softmax_step(t, m_i)
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, CHECK)
+        v = _load_step(v_desc, v_base, b, kv_head, at_n, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV,
+                       CHECK, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
-def _attn_fwd(Q, K, V, Out, Lse,
+def _attn_fwd(Q, K, V, K_desc, V_desc, Out, Lse,
               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
               n_heads, group, q_len, kv_len, qk_scale,
@@ -254,7 +272,7 @@ def _attn_fwd(Q, K, V, Out, Lse,
               partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
               BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
@@ -279,16 +297,17 @@ def _attn_fwd(Q, K, V, Out, Lse,
     at = slot * (n_q_blocks + 1) + qb
     if not ONE_LOOP:
         lo, hi = _list_span(full_ptr, at)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, 0, 0, k_base, v_base, stride_kn,
-                                   stride_kd, stride_vn, stride_vd, full_idx, part_pattern, lo * STEPS, hi * STEPS,
-                                   q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask, FULL, SPANS,
-                                   CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, 0, 0, K_desc, V_desc, b, kv_head,
+                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, full_idx, part_pattern,
+                                   lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale, mask_args, mask_data, patterns,
+                                   partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                                   PRECISION, TMA)
     first, end = _partial_steps(part_ptr, at, part_steps, slot, start_m, q_len, STEPS, BLOCK_M, SPANS)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0),
-                               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, part_idx, part_pattern,
-                               first, end, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
-                               EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D,
-                               HEAD_DV, BLOCK_DV, PRECISION)
+                               K_desc, V_desc, b, kv_head, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               part_idx, part_pattern, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
+                               patterns, partial_mask, EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N,
+                               HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, TMA)
 
     empty = l_i == 0.0  # rows with no allowed key: output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -314,11 +333,12 @@ def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_base, v_base, stride_kn, stride_kd,
-              stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len, qk_scale, mask_args, mask_data,
-              patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
-              BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-              HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_desc, v_desc, b, kv_head, k_base,
+              v_base, stride_kn, stride_kd, stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len,
+              qk_scale, mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr,
+              SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
     """``dQ += dS K`` over steps ``first`` to ``end`` of the key blocks ``blocks``, with
     ``dS = P * (dO V^T - delta)``."""
     SUBS: tl.constexpr = BK // BLOCK_N
@@ -328,9 +348,10 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi
         at_n = start_n
         offs_n = at_n + tl.arange(0, BLOCK_N)
         start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_tile(k_base, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK)
-        v = _load_tile(v_base, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, CHECK)
-        # both products first: the second runs on the tensor cores while the first is waited for
+        k = _load_step(k_desc, k_base, b, kv_head, at_n, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK,
+                       TMA)
+        v = _load_step(v_desc, v_base, b, kv_head, at_n, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV,
+                       CHECK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -348,7 +369,7 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
-def _attn_bwd_dq(Q, K, V, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
+def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                  stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -359,7 +380,7 @@ def _attn_bwd_dq(Q, K, V, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, TMA: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
@@ -387,26 +408,28 @@ def _attn_bwd_dq(Q, K, V, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
     at = slot * (n_q_blocks + 1) + qb
     if not ONE_LOOP:
         lo, hi = _list_span(full_ptr, at)
-        dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, 0, 0, k_base, v_base, stride_kn, stride_kd,
-                       stride_vn, stride_vd, full_idx, part_pattern, lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale,
-                       mask_args, mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D,
-                       BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, 0, 0, K_desc, V_desc, b, kv_head, k_base,
+                       v_base, stride_kn, stride_kd, stride_vn, stride_vd, full_idx, part_pattern, lo * STEPS,
+                       hi * STEPS, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask, FULL, SPANS,
+                       CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, TMA)
     first, end = _partial_steps(part_ptr, at, part_steps, slot, start_m, q_len, STEPS, BLOCK_M, SPANS)
     dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0),
-                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, part_idx, part_pattern, first, end,
-                   q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
+                   K_desc, V_desc, b, kv_head, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, part_idx,
+                   part_pattern, first, end, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
                    EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
-                   PRECISION)
+                   PRECISION, TMA)
     _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq * scale, offs_m, q_len,
                 stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_base, do_base, lse2_base, delta_base,
+def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_desc, do_desc, b, h, q_base, do_base,
+                lse2_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, blocks, pattern_of, first, end, q_len, kv_len, qk_scale,
                 mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr,
                 CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
-                BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                TMA: tl.constexpr):
     """``dV += P^T dO`` and ``dK += dS^T Q`` over steps ``first`` to ``end`` of the query blocks
     ``blocks``, in the transposed orientation (keys down, queries across). Queries past the end
     load as zero with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
@@ -417,8 +440,9 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_base
         at_m = start_m
         offs_m = at_m + tl.arange(0, BLOCK_M)
         start_m = _step_start(blocks, step + 1, end, BQ, BLOCK_M)
-        q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, CHECK)
-        do = _load_tile(do_base, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, CHECK)
+        q = _load_step(q_desc, q_base, b, h, at_m, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, CHECK, TMA)
+        do = _load_step(do_desc, do_base, b, h, at_m, offs_m, q_len, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, CHECK,
+                        TMA)
         if CHECK:
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
@@ -443,7 +467,7 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_base
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
-def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
+def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -454,7 +478,7 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
                    partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, TMA: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
     tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
     SUBS: tl.constexpr = BK // BLOCK_N
@@ -485,17 +509,17 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Lse2, Delta, dK, dV,
         at = slot * (n_kv_blocks + 1) + kb
         if not ONE_LOOP:
             lo, hi = _list_span(full_ptr, at)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, 0, 0, q_base, do_base, Lse2 + row_base,
-                                 Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod, full_idx,
-                                 part_pattern, lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale, slot_args, mask_data,
-                                 patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV,
-                                 BLOCK_DV, PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, 0, 0, Q_desc, dO_desc, b, h, q_base, do_base,
+                                 Lse2 + row_base, Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 full_idx, part_pattern, lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale, slot_args,
+                                 mask_data, patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D,
+                                 HEAD_DV, BLOCK_DV, PRECISION, TMA)
         first, end = _partial_steps(part_ptr, at, part_steps, slot, start_n, kv_len, STEPS, BLOCK_N, SPANS)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0), q_base,
-                             do_base, Lse2 + row_base, Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                             part_idx, part_pattern, first, end, q_len, kv_len, qk_scale, slot_args, mask_data,
-                             patterns, partial_mask, EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_M,
-                             HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0), Q_desc,
+                             dO_desc, b, h, q_base, do_base, Lse2 + row_base, Delta + row_base, stride_qm,
+                             stride_qd, stride_dom, stride_dod, part_idx, part_pattern, first, end, q_len, kv_len,
+                             qk_scale, slot_args, mask_data, patterns, partial_mask, EITHER if ONE_LOOP else PARTIAL,
+                             SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, TMA)
     _store_tile(dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, dk * scale, offs_n, kv_len,
                 stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
     _store_tile(dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, dv, offs_n, kv_len,
@@ -718,6 +742,39 @@ def _output(shape, dtype, device, covered: bool, fill: float = 0.0) -> torch.Ten
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+#: The kernels whose loop steps copy their K/V (forward, dQ) or Q/dO (dK/dV) tiles with the tensor
+#: memory accelerator (``_load_step``) on GPUs that have one (sm_90 and later), where the tensors
+#: allow a descriptor. dK/dV loads with pointers: with TMA it measured 1-3% slower (bench/RESULTS.md).
+USE_TMA = frozenset({"forward", "dq"})
+
+
+def _tma(kernel: str, *tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can describe ``tensors``: a GPU of sm_90 or later (or Triton's
+    interpreter, which runs descriptors too), unit last stride, 16-byte aligned base and other
+    strides (the copy engine's rules)."""
+    if kernel not in USE_TMA:
+        return False
+    if not interpreting() and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in _strides(t)[:-1]) for t in tensors)
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    """``t``'s strides, with those of dimensions of size 1 (no index moves along them, and torch
+    leaves them arbitrary) set past the whole tensor, a stride the copy engine accepts."""
+    extent = max(size * stride for size, stride in zip(t.shape, t.stride()))
+    return [stride if size > 1 else extent for size, stride in zip(t.shape, t.stride())]
+
+
+def _descriptor(t: torch.Tensor, rows: int, tma: bool):
+    """A descriptor of ``t[batch, heads, rows, cols]`` for tiles of ``rows`` rows (``_load_step``),
+    or ``t`` itself where the kernels load with pointers (``tma`` False: the argument is unused)."""
+    if not tma:
+        return t
+    return TensorDescriptor(t, list(t.shape), _strides(t), [1, 1, rows, tuning.head_bucket(t.shape[-1])])
+
+
 def _shared(cm, plan: Plan, q, v) -> dict:
     """Constexpr and table arguments common to the three attention kernels."""
     bq, bk = cm.block_size
@@ -738,17 +795,19 @@ def _forward(cm, q, k, v, scale: float):
     if plan.max_active_q == 0:
         return out, lse
     lists = plan.forward
+    tma = _tma("forward", k, v)
 
     def launch(config: tuning.TileConfig) -> None:
         grid = (plan.max_active_q * (cm.block_size[0] // config.block_m), batch * n_heads)
         _attn_fwd[grid](
-            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, _descriptor(k, config.block_n, tma), _descriptor(v, config.block_n, tma), out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n_heads, n_heads // k.shape[1], q_len, cm.kv_len, scale * LOG2E.value,
             plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
             lists.full_ptr, lists.full_idx, lists.part_ptr, lists.part_idx, lists.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.row_lo, plan.row_hi,
             _partial_steps_of(cm, plan, "forward", config), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages, **_shared(cm, plan, q, v),
+            num_warps=config.num_warps, num_stages=config.num_stages, TMA=tma, **_shared(cm, plan, q, v),
         )
 
     _run("forward", cm, plan, q, v, launch)
@@ -770,30 +829,32 @@ def _backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
     qk_scale = scale * LOG2E.value
     shared = _shared(cm, plan, q, v)
     fwd, bwd = plan.forward, plan.backward
+    kv_tma, q_tma = _tma("dq", k, v), _tma("dkdv", q, d_out)
 
     def launch_dq(config: tuning.TileConfig) -> None:
         grid = (plan.max_active_q * (cm.block_size[0] // config.block_m), batch * n_heads)
         _attn_bwd_dq[grid](
-            q, k, v, out, d_out, lse, d_lse, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *d_out.stride(), *dq.stride(),
+            q, k, v, _descriptor(k, config.block_n, kv_tma), _descriptor(v, config.block_n, kv_tma), out, d_out, lse,
+            d_lse, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *d_out.stride(), *dq.stride(),
             n_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale, scale,
             plan.head_slot, len(plan.head_slot), plan.q_order, plan.n_active_q, cm.n_q_blocks,
             fwd.full_ptr, fwd.full_idx, fwd.part_ptr, fwd.part_idx, fwd.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.row_lo, plan.row_hi,
             _partial_steps_of(cm, plan, "forward", config), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages, **shared,
+            num_warps=config.num_warps, num_stages=config.num_stages, TMA=kv_tma, **shared,
         )
 
     def launch_dkdv(config: tuning.TileConfig) -> None:
         grid = (len(plan.kv_order) * (cm.block_size[1] // config.block_n), batch * n_kv_heads)
         _attn_bwd_dkdv[grid](
-            q, k, v, d_out, lse2, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(),
-            *dk.stride(), *dv.stride(), n_heads, n_kv_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale,
-            scale, plan.head_slot, len(plan.head_slot), plan.kv_order, cm.n_kv_blocks,
+            q, k, v, d_out, _descriptor(q, config.block_m, q_tma), _descriptor(d_out, config.block_m, q_tma), lse2,
+            delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *dk.stride(), *dv.stride(),
+            n_heads, n_kv_heads, n_heads // n_kv_heads, q_len, cm.kv_len, qk_scale, scale,
+            plan.head_slot, len(plan.head_slot), plan.kv_order, cm.n_kv_blocks,
             bwd.full_ptr, bwd.full_idx, bwd.part_ptr, bwd.part_idx, bwd.part_pattern,
             plan.mask_args, plan.mask_args.shape[1], plan.mask_data, plan.patterns, plan.col_lo, plan.col_hi,
             _partial_steps_of(cm, plan, "backward", config), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages, **shared,
+            num_warps=config.num_warps, num_stages=config.num_stages, TMA=q_tma, **shared,
         )
 
     _run("dq", cm, plan, q, v, launch_dq)  # first: it computes the row terms dK/dV reads
