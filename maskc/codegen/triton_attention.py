@@ -424,12 +424,11 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_desc, do_desc, b, h, q_base, do_base,
-                lse2_base, delta_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, blocks, pattern_of, first, end, q_len, kv_len, qk_scale,
-                mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr,
-                CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
-                BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                TMA: tl.constexpr):
+                lse2_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, blocks, pattern_of, first, end,
+                q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr,
+                SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PRECISION: tl.constexpr, TMA: tl.constexpr):
     """``dV += P^T dO`` and ``dK += dS^T Q`` over steps ``first`` to ``end`` of the query blocks
     ``blocks``, in the transposed orientation (keys down, queries across). Queries past the end
     load as zero with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
@@ -749,9 +748,10 @@ USE_TMA = frozenset({"forward", "dq"})
 
 
 def _tma(kernel: str, *tensors: torch.Tensor) -> bool:
-    """Whether TMA descriptors can describe ``tensors``: a GPU of sm_90 or later (or Triton's
-    interpreter, which runs descriptors too), unit last stride, 16-byte aligned base and other
-    strides (the copy engine's rules)."""
+    """Whether ``kernel`` copies its step tiles of ``tensors`` with TMA: it is in ``USE_TMA``, the
+    GPU is sm_90 or later (or Triton's interpreter runs the kernels: it runs descriptors too), and
+    a descriptor can describe each tensor (unit last stride, 16-byte aligned base and other
+    strides: the copy engine's rules)."""
     if kernel not in USE_TMA:
         return False
     if not interpreting() and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
