@@ -205,6 +205,16 @@ class CompiledMask:
 
         return attention(self, q, k, v, scale=scale, return_lse=return_lse, backend=backend)
 
+    def backward(self, q, k, v, out, lse, d_out, d_lse=None, scale: Optional[float] = None,
+                 backend: Optional[str] = None):
+        """``(dq, dk, dv)`` of ``self(q, k, v, scale=scale, return_lse=True)`` from its saved ``out``
+        and ``lse`` and the gradients ``d_out`` (and ``d_lse``, or ``None``), without recomputing the
+        forward. ``out``/``lse`` may be a merged result of several masks (ring attention): each mask
+        then gives its share of the gradients."""
+        from .codegen.launch import attention_backward
+
+        return attention_backward(self, q, k, v, out, lse, d_out, d_lse, scale=scale, backend=backend)
+
     def __repr__(self) -> str:
         c = self.tile_counts()
         return (

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .reference import reference_attention
+from .reference import reference_attention, reference_backward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("reference", "triton")
@@ -87,16 +87,44 @@ def heads_of_slot(cm, n_heads: int) -> dict:
     return out
 
 
-def attention(cm, q, k, v, scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
-    check_inputs(cm, q, k, v, scale)
+def _uses_triton(cm, q, k, v, backend: Optional[str]) -> bool:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{backend=} must be one of {BACKENDS} or None")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "triton" or (backend is None and q.is_cuda):
         check_triton_inputs(cm, q, k, v)
+        return True
+    return False
+
+
+def attention(cm, q, k, v, scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
+    check_inputs(cm, q, k, v, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _uses_triton(cm, q, k, v, backend):
         from .triton_attention import triton_attention
 
         out, lse = triton_attention(cm, q, k, v, scale)
     else:
         out, lse = reference_attention(cm, q, k, v, scale, heads_of_slot(cm, q.shape[1]))
     return (out, lse) if return_lse else out
+
+
+def attention_backward(cm, q, k, v, out, lse, d_out, d_lse=None, scale: Optional[float] = None,
+                       backend: Optional[str] = None):
+    """``(dq, dk, dv)`` of attention under ``cm`` from a forward's ``out`` and ``lse``, without
+    recomputing the forward; ``d_lse`` may be ``None``. ``out`` and ``lse`` need not come from this
+    mask: ring attention passes the merged result of all tiles, and gets each tile's share."""
+    check_inputs(cm, q, k, v, scale)
+    rows = q.shape[:-1]
+    for name, x, shape in (("out", out, rows + (v.shape[-1],)), ("d_out", d_out, rows + (v.shape[-1],)),
+                           ("lse", lse, rows), ("d_lse", d_lse, rows)):
+        if x is None and name == "d_lse":
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or x.device != q.device:
+            raise ValueError(f"{name} must be a tensor of shape {tuple(shape)} on {q.device}, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _uses_triton(cm, q, k, v, backend):
+        from .triton_attention import triton_backward
+
+        return triton_backward(cm, q, k, v, out, lse, d_out, d_lse, scale)
+    return reference_backward(cm, q, k, v, out, lse, d_out, d_lse, scale, heads_of_slot(cm, q.shape[1]))

@@ -89,33 +89,40 @@ class ReferenceAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        cm, scale = ctx.cm, ctx.scale
-        work, groups, bq = out.dtype, q.shape[1] // k.shape[1], cm.block_size[0]
-        qw, kw, vw = q.to(work), _expand(k, groups, work), _expand(v, groups, work)
-        d_out = torch.zeros_like(out) if d_out is None else d_out.to(work)
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.to(work)
-        # dS = P * (dP - D) with D_i = rowsum(dO * O) - dlse_i, since d lse_i / d s_ij = P_ij
-        delta = (d_out * out).sum(-1) - torch.where(torch.isfinite(lse), d_lse, torch.zeros_like(d_lse))
-        dq, dk, dv = torch.zeros_like(qw), torch.zeros_like(kw), torch.zeros_like(vw)
-        for slot, heads in ctx.heads_of_slot.items():
-            qh, kh, vh, do_h, lse_h, delta_h = (x[:, heads] for x in (qw, kw, vw, d_out, lse, delta))
-            dq_h, dk_h, dv_h = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-            for qb in range(cm.n_q_blocks):
-                keys, mask = _block_keys(cm, slot, qb)
-                if keys is None:
-                    continue
-                rows = slice(qb * bq, min((qb + 1) * bq, cm.q_len))
-                p = _probabilities(qh[:, :, rows], kh, keys, mask, scale, lse_h[:, :, rows])
-                dp = do_h[:, :, rows] @ vh[:, :, keys].transpose(-1, -2)
-                ds = p * (dp - delta_h[:, :, rows, None])
-                dq_h[:, :, rows] += (ds @ kh[:, :, keys]) * scale
-                dk_h[:, :, keys] += (ds.transpose(-1, -2) @ qh[:, :, rows]) * scale
-                dv_h[:, :, keys] += p.transpose(-1, -2) @ do_h[:, :, rows]
-            dq[:, heads], dk[:, heads], dv[:, heads] = dq_h, dk_h, dv_h
-        b, hkv = k.shape[0], k.shape[1]
-        dk = dk.view(b, hkv, groups, *dk.shape[2:]).sum(2)
-        dv = dv.view(b, hkv, groups, *dv.shape[2:]).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = reference_backward(ctx.cm, q, k, v, out, lse, d_out, d_lse, ctx.scale, ctx.heads_of_slot)
+        return dq, dk, dv, None, None, None
+
+
+def reference_backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float, heads_of_slot: dict):
+    """``(dq, dk, dv)`` from the forward's ``out`` and ``lse`` (any precision; worked in float32, or
+    float64 for float64 inputs); ``d_out``/``d_lse`` may be ``None`` (no gradient flows there)."""
+    work, groups, bq = _work_dtype(q.dtype), q.shape[1] // k.shape[1], cm.block_size[0]
+    qw, kw, vw = q.to(work), _expand(k, groups, work), _expand(v, groups, work)
+    out, lse = out.to(work), lse.to(work)
+    d_out = torch.zeros_like(out) if d_out is None else d_out.to(work)
+    d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.to(work)
+    # dS = P * (dP - D) with D_i = rowsum(dO * O) - dlse_i, since d lse_i / d s_ij = P_ij
+    delta = (d_out * out).sum(-1) - torch.where(torch.isfinite(lse), d_lse, torch.zeros_like(d_lse))
+    dq, dk, dv = torch.zeros_like(qw), torch.zeros_like(kw), torch.zeros_like(vw)
+    for slot, heads in heads_of_slot.items():
+        qh, kh, vh, do_h, lse_h, delta_h = (x[:, heads] for x in (qw, kw, vw, d_out, lse, delta))
+        dq_h, dk_h, dv_h = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+        for qb in range(cm.n_q_blocks):
+            keys, mask = _block_keys(cm, slot, qb)
+            if keys is None:
+                continue
+            rows = slice(qb * bq, min((qb + 1) * bq, cm.q_len))
+            p = _probabilities(qh[:, :, rows], kh, keys, mask, scale, lse_h[:, :, rows])
+            dp = do_h[:, :, rows] @ vh[:, :, keys].transpose(-1, -2)
+            ds = p * (dp - delta_h[:, :, rows, None])
+            dq_h[:, :, rows] += (ds @ kh[:, :, keys]) * scale
+            dk_h[:, :, keys] += (ds.transpose(-1, -2) @ qh[:, :, rows]) * scale
+            dv_h[:, :, keys] += p.transpose(-1, -2) @ do_h[:, :, rows]
+        dq[:, heads], dk[:, heads], dv[:, heads] = dq_h, dk_h, dv_h
+    b, hkv = k.shape[0], k.shape[1]
+    dk = dk.view(b, hkv, groups, *dk.shape[2:]).sum(2)
+    dv = dv.view(b, hkv, groups, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def reference_attention(cm, q, k, v, scale: float, heads_of_slot: dict):

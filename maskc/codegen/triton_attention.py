@@ -955,3 +955,9 @@ def triton_attention(cm, q, k, v, scale: float):
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, _handle(cm), scale)
     return _EagerAttention.apply(q, k, v, cm, scale)
+
+
+def triton_backward(cm, q, k, v, out, lse, d_out, d_lse, scale: float):
+    """``(dq, dk, dv)`` by the Triton kernels from a forward's ``out`` and ``lse`` (no recompute)."""
+    d_lse = torch.zeros_like(lse, dtype=torch.float32) if d_lse is None else d_lse
+    return _backward(cm, q, k, v, out.to(q.dtype), lse.to(torch.float32), d_out.to(q.dtype), d_lse, scale)
