@@ -45,7 +45,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskc  # noqa: E402 - after the path setup, to bench this checkout
-from maskc.codegen import triton_attention, tuning  # noqa: E402
+from maskc.codegen import launch, plan, tuning  # noqa: E402
 from results import add_run  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
@@ -208,34 +208,34 @@ def untrimmed_steps(ptr, idx, lo, hi, own_block, entry_block, program, step):
 
 
 @contextlib.contextmanager
-def variant(configs=(), one_loop=True, spans=True, trim=True, tma=triton_attention.USE_TMA):
+def variant(configs=(), one_loop=True, spans=True, trim=True, tma=launch.USE_TMA):
     """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), with spans
-    but FULL and PARTIAL tiles in two loops (``triton_attention.ONE_LOOP``), without spans
+    but FULL and PARTIAL tiles in two loops (``plan.ONE_LOOP``), without spans
     (``codegen/spans.py``): the generated predicate on every PARTIAL tile, or with spans but
     every PARTIAL step walked (``untrimmed_steps``), with TMA copies in the kernels ``tma`` only."""
     saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
     for kernel, config in configs:  # for masks of long and short rows alike
         tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
-    trimmed = triton_attention.partial_steps
-    triton_attention.ONE_LOOP = one_loop
+    trimmed = plan.partial_steps
+    plan.ONE_LOOP = one_loop
     if not trim:
-        triton_attention.partial_steps = untrimmed_steps
-    triton_attention.USE_SPANS = spans
-    saved_tma, triton_attention.USE_TMA = triton_attention.USE_TMA, frozenset(tma)
-    triton_attention._fitted.clear()
-    triton_attention._plans.clear()
+        plan.partial_steps = untrimmed_steps
+    plan.USE_SPANS = spans
+    saved_tma, launch.USE_TMA = launch.USE_TMA, frozenset(tma)
+    launch._fitted.clear()
+    launch._launches.clear()
     try:
         yield
     finally:
         for table, before in zip((tuning.DEFAULTS_16BIT, tuning.SHORT_ROWS_16BIT), saved):
             table.clear()
             table.update(before)
-        triton_attention.partial_steps = trimmed
-        triton_attention.ONE_LOOP = True
-        triton_attention.USE_SPANS = True
-        triton_attention.USE_TMA = saved_tma
-        triton_attention._fitted.clear()
-        triton_attention._plans.clear()
+        plan.partial_steps = trimmed
+        plan.ONE_LOOP = True
+        plan.USE_SPANS = True
+        launch.USE_TMA = saved_tma
+        launch._fitted.clear()
+        launch._launches.clear()
 
 
 T = tuning.TileConfig
@@ -499,7 +499,7 @@ def build_times(report: list, length: int = 131072, steps: int = 20) -> None:
 
     for tool in ("maskc", "flex"):
         build, step, first = [], [], None
-        kernels_before = len(triton_attention._predicates)
+        kernels_before = len(launch._predicates)
         graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for n in range(steps):
             lengths = document_lengths(length, rng)
@@ -521,7 +521,7 @@ def build_times(report: list, length: int = 131072, steps: int = 20) -> None:
             build.append(t1 - t0)
             step.append(t2 - t1)
             first = first if first is not None else t2 - t0
-        recompiled = (len(triton_attention._predicates) - kernels_before if tool == "maskc"
+        recompiled = (len(launch._predicates) - kernels_before if tool == "maskc"
                       else torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
         report.append((f"{steps} steps, new docs ({tool})", length, 1e3 * float(np.median(build)),
                        1e3 * float(np.median(step)), f"first step {1e3 * first:.0f} ms, new kernels/graphs "

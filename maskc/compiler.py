@@ -22,6 +22,8 @@ from .passes.lower import Bounds, Lower
 from .passes.pipeline import run_pipeline
 from .passes.simplify import Simplify
 from .passes.tables import EmitTables, Table
+from .codegen.plan import Plan, build_plan
+from .codegen.reference import ReferenceTables
 
 PASSES = (Simplify(), Lower(), Classify(), EmptyRowsCols(), EmitTables())
 
@@ -80,20 +82,16 @@ class CompiledMask:
         self.empty_cols = cols[0] if shared else cols
         bm = self.block_maps[0]
         self.n_q_blocks, self.n_kv_blocks = bm.n_q_blocks, bm.n_kv_blocks
-
-    # -- shape ------------------------------------------------------------------
-    @property
-    def q_len(self) -> int:
-        return self.spec.q_len
-
-    @property
-    def kv_len(self) -> int:
-        return self.spec.kv_len
-
-    @property
-    def n_heads(self) -> int:
-        """``H_mask``: 1 for a head-shared mask, else the number of per-head masks."""
-        return len(self.simplified.heads)
+        self.q_len: int = spec.q_len
+        self.kv_len: int = spec.kv_len
+        #: ``H_mask``: 1 for a head-shared mask, else the number of per-head masks
+        self.n_heads: int = len(self.simplified.heads)
+        #: what the reference op reads (``codegen/reference.py``)
+        self.reference_tables = ReferenceTables.of(self)
+        #: the Triton launch plan per device (``codegen/plan.py``), built by ``to`` or a first call
+        self.plans: dict[str, Plan] = {}
+        #: checked call keys (shapes, dtypes, devices, backend) -> what they run (``codegen/op.py``)
+        self.calls: dict = {}
 
     @property
     def has_opaque(self) -> bool:
@@ -149,6 +147,28 @@ class CompiledMask:
         cols = np.minimum(runs.hi * bk, self.kv_len) - runs.lo * bk
         return int((rows * cols).sum())
 
+    def load_(self, other: "CompiledMask") -> "CompiledMask":
+        """Copy ``other``'s launch tables into this mask's, in place, on every device this mask has
+        tables on, and return this mask: a CUDA graph captured with this mask then replays with
+        ``other``'s (a new mask every training step, one capture). Both masks must have one
+        structure (``plan.Structure``: kinds of nodes, shapes, block sizes) and tables of one length
+        (lengths are rounded up to powers of two, so masks of one structure mostly share it);
+        otherwise ``ValueError``, and the graph must be captured again. Afterwards this object's
+        spec, block map and reference tables still describe the mask it was compiled from: use it
+        for replays."""
+        for device, plan in self.plans.items():
+            theirs = other.plan(device)
+            if theirs.key != plan.key:
+                raise ValueError("load_: the masks differ in structure (their generated kernels differ); "
+                                 "capture the graph again with the new mask")
+            for name in ("tables", "patterns"):
+                mine, new = getattr(plan, name), getattr(theirs, name)
+                if mine.shape != new.shape:
+                    raise ValueError(f"load_: the new mask's {name} hold {new.numel()} entries, this mask's "
+                                     f"{mine.numel()}; capture the graph again with the new mask")
+                mine.copy_(new)
+        return self
+
     # -- debugging ----------------------------------------------------------------
     def dense(self, head: int = 0) -> torch.Tensor:
         """``bool[q_len, kv_len]``: the mask of one head, evaluated densely (debugging only)."""
@@ -187,9 +207,24 @@ class CompiledMask:
     @property
     def kernel_source(self) -> str:
         """The Triton source generated for this mask's PARTIAL tiles and kernels."""
-        from .codegen.triton_attention import kernel_source
+        from .codegen.plan import kernel_source
 
         return kernel_source(self)
+
+    # -- devices -------------------------------------------------------------------------
+    def plan(self, device) -> Plan:
+        """The Triton launch plan of this mask on ``device`` (``codegen/plan.py``), built once."""
+        key = _device_key(device)
+        if key not in self.plans:
+            self.plans[key] = build_plan(self, torch.device(key))
+        return self.plans[key]
+
+    def to(self, device) -> "CompiledMask":
+        """Build the launch tables on ``device`` now (one host-to-device copy) and return this mask.
+        Calls build them on first use anyway; a call under ``torch.compile`` or inside CUDA graph
+        capture cannot, so build them before (``maskc.compile(spec, device=...)`` does)."""
+        self.plan(device)
+        return self
 
     # -- the op -------------------------------------------------------------------------
     def __call__(self, q, k, v, scale: Optional[float] = None, return_lse: bool = False,
@@ -201,7 +236,7 @@ class CompiledMask:
         ``backend`` forces ``"reference"`` (plain torch) or ``"triton"``; by default
         CUDA tensors take Triton and others the reference path.
         """
-        from .codegen.launch import attention
+        from .codegen.op import attention
 
         return attention(self, q, k, v, scale=scale, return_lse=return_lse, backend=backend)
 
@@ -211,7 +246,7 @@ class CompiledMask:
         and ``lse`` and the gradients ``d_out`` (and ``d_lse``, or ``None``), without recomputing the
         forward. ``out``/``lse`` may be a merged result of several masks (ring attention): each mask
         then gives its share of the gradients."""
-        from .codegen.launch import attention_backward
+        from .codegen.op import attention_backward
 
         return attention_backward(self, q, k, v, out, lse, d_out, d_lse, scale=scale, backend=backend)
 
@@ -223,17 +258,29 @@ class CompiledMask:
         )
 
 
-def compile(spec: Union[Spec, str], block_size: Union[int, Sequence[int]] = 128, debug=None) -> CompiledMask:
+def _device_key(device) -> str:
+    """``device`` as the key of ``CompiledMask.plans``: ``"cuda"`` names the current CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def compile(spec: Union[Spec, str], block_size: Union[int, Sequence[int]] = 128, debug=None,
+            device=None) -> CompiledMask:
     """Compile ``spec`` (a ``Spec``, or YAML/JSON text) for tiles of ``block_size``.
 
     ``block_size`` is an int or a ``(q, kv)`` pair. ``debug`` (e.g. ``print``)
-    receives one line per pass with its time and result.
+    receives one line per pass with its time and result. ``device`` (e.g.
+    ``"cuda"``) builds the kernels' launch tables there now (``CompiledMask.to``),
+    as calls under ``torch.compile`` or CUDA graph capture need.
     """
     if isinstance(spec, str):
         from .ir.spec import loads
 
         spec = loads(spec)
-    return CompiledMask(spec, block_size=block_size, debug=debug)
+    compiled = CompiledMask(spec, block_size=block_size, debug=debug)
+    return compiled if device is None else compiled.to(device)
 
 
 __all__ = ["compile", "CompiledMask", "TileKind", "EMPTY", "PARTIAL", "FULL", "SpecError"]

@@ -1,7 +1,7 @@
 """The Triton kernels, forward and backward, in Triton's CPU interpreter against a float64 oracle.
 
 ``TRITON_INTERPRET=1`` must be set before maskc's kernels are defined, so it is
-set here, before anything imports ``maskc.codegen.triton_attention``. Sizes are
+set here, before anything imports ``maskc.codegen.kernels``. Sizes are
 small (tens of tokens, head dims 16 to 40, table blocks of 16 or 32) because the
 interpreter runs every program in numpy.
 """
@@ -17,8 +17,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import maskc  # noqa: E402
-from maskc.codegen import triton_attention as ta  # noqa: E402
-from maskc.codegen import tuning  # noqa: E402
+from maskc.codegen import kernels, launch, tuning  # noqa: E402
+from maskc.codegen import plan as plans  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def dense_attention(masks, q, k, v, scale):
@@ -115,15 +117,15 @@ NO_SPANS = {"documents_nested", "not_or", "dense", "predicate_and_causal"}
 @pytest.mark.parametrize("name", PREDICATE_SPECS)
 def test_every_predicate_kind_forward_and_backward(monkeypatch, name, use_spans):
     # masks with spans (codegen/spans.py) run their generated predicate too when spans are off
-    monkeypatch.setattr(ta, "USE_SPANS", use_spans)
+    monkeypatch.setattr(plans, "USE_SPANS", use_spans)
     cm = check(PREDICATE_SPECS[name])
-    assert ta.plan_for(cm, torch.device("cpu")).spans == (use_spans and name not in NO_SPANS)
+    assert cm.plan(CPU).structure.spans == (use_spans and name not in NO_SPANS)
 
 
 def test_lengths_that_are_multiples_of_the_table_blocks_skip_bounds_checks():
     even = maskc.compile(S(q_len=64, kv_len=32, mask=maskc.Causal()), block_size=16)
     odd = maskc.compile(S(q_len=64, kv_len=33, mask=maskc.Causal()), block_size=16)
-    assert not ta.plan_for(even, torch.device("cpu")).cut and ta.plan_for(odd, torch.device("cpu")).cut
+    assert not even.plan(CPU).structure.cut and odd.plan(CPU).structure.cut
     check(even.spec)
 
 
@@ -175,18 +177,18 @@ def test_programs_smaller_than_table_blocks_walk_only_the_steps_that_meet_their_
 def test_masks_with_spans_and_long_rows_walk_full_and_partial_tiles_in_two_loops(monkeypatch, name):
     monkeypatch.setattr(tuning, "SHORT_ROWS", 0)  # every mask has long rows
     cm = check(PREDICATE_SPECS[name], block_size=32)
-    plan = ta.plan_for(cm, torch.device("cpu"))
-    assert plan.spans and not plan.short_rows and not plan.one_loop
+    structure = cm.plan(CPU).structure
+    assert structure.spans and not structure.short_rows and not structure.one_loop
 
 
 def test_the_causal_diagonal_block_loses_its_empty_step():
     cm = maskc.compile(S(q_len=64, kv_len=64, mask=maskc.Causal()), block_size=32)
-    plan = ta.plan_for(cm, torch.device("cpu"))
-    rows = ta._partial_steps_of(cm, plan, "forward", tuning.TileConfig(16, 16, 1, 1))
-    keys = ta._partial_steps_of(cm, plan, "backward", tuning.TileConfig(16, 16, 1, 1))
+    plan = cm.plan(CPU)
+    rows = plan.trimmed("forward", 16, 16)
+    keys = plan.trimmed("backward", 16, 16)
     # one list per program (FULL and PARTIAL blocks, ONE_LOOP): rows 0-15 meet one of the two steps
     # of their diagonal block; rows 32-47 its first step after the two of the FULL block before it
-    assert plan.one_loop
+    assert plan.structure.one_loop
     assert (rows[0, :, 1] - rows[0, :, 0]).tolist() == [1, 2, 3, 4]
     assert (keys[0, :, 1] - keys[0, :, 0]).tolist() == [4, 3, 2, 1]
 
@@ -194,8 +196,8 @@ def test_the_causal_diagonal_block_loses_its_empty_step():
 def test_masks_of_short_rows_take_their_own_tiles():
     causal = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.Causal()), block_size=16)  # 32.5 tiles a row
     window = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.SlidingWindow(left=100)), block_size=16)
-    assert not ta.plan_for(causal, torch.device("cpu")).short_rows
-    assert ta.plan_for(window, torch.device("cpu")).short_rows
+    assert not causal.plan(CPU).structure.short_rows
+    assert window.plan(CPU).structure.short_rows
     gpu = torch.device("cuda")  # a device object needs no GPU
     for kernel in tuning.KERNELS:
         key = (kernel, 128)
@@ -207,23 +209,25 @@ def test_masks_of_short_rows_take_their_own_tiles():
 
 
 def test_short_rows_launch_in_sequence_order_long_rows_heaviest_first():
-    causal = ta.plan_for(maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.Causal()), block_size=16),
-                         torch.device("cpu"))
-    assert causal.q_order[0].tolist() == list(range(63, -1, -1))  # the last query block has the most keys
-    assert causal.kv_order.tolist() == list(range(64))  # the first key block has the most queries
+    causal = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.Causal()), block_size=16).plan(CPU)
+    q_order, kv_order = causal.orders()
+    assert q_order[0].tolist() == list(range(63, -1, -1))  # the last query block has the most keys
+    assert kv_order.tolist() == list(range(64))  # the first key block has the most queries
     spec = S(q_len=1024, kv_len=1024, mask=maskc.Range(q=(200, 1024), kv=(0, 1024)) & maskc.SlidingWindow(left=40))
-    window = ta.plan_for(maskc.compile(spec, block_size=16), torch.device("cpu"))
-    assert window.short_rows and int(window.n_active_q[0]) == 64 - 12
-    assert window.q_order[0, :52].tolist() == list(range(12, 64))  # blocks with work, in sequence order
-    assert window.kv_order.tolist() == list(range(10, 64))
+    window = maskc.compile(spec, block_size=16).plan(CPU)
+    q_order, kv_order = window.orders()
+    assert window.structure.short_rows
+    # blocks with work in sequence order, then those with none (every block has a program)
+    assert q_order[0].tolist() == list(range(12, 64)) + list(range(12))
+    assert kv_order.tolist() == list(range(10, 64)) + list(range(10))
 
 
-@pytest.mark.parametrize("kernels", [(), tuning.KERNELS], ids=["pointers", "tma_everywhere"])
-def test_tma_copies_and_pointer_loads_both_match_the_oracle(monkeypatch, kernels):
+@pytest.mark.parametrize("tma_kernels", [(), tuning.KERNELS], ids=["pointers", "tma_everywhere"])
+def test_tma_copies_and_pointer_loads_both_match_the_oracle(monkeypatch, tma_kernels):
     # by default the forward and dQ copy K/V tiles through descriptors (the interpreter runs them
     # too) and dK/dV loads Q/dO with pointers; here every kernel does one or the other. Cut
     # sequences, a head dim padded from 24 to 32, GQA, spans in one loop, and a generated predicate.
-    monkeypatch.setattr(ta, "USE_TMA", frozenset(kernels))
+    monkeypatch.setattr(launch, "USE_TMA", frozenset(tma_kernels))
     check(PREDICATE_SPECS["documents_kv"], heads=4, kv_heads=2, head_dim=24)
     check(PREDICATE_SPECS["window"], block_size=32)
     check(PREDICATE_SPECS["dense"])
@@ -241,22 +245,22 @@ def test_tma_takes_any_layout_a_descriptor_can_describe():
         return [out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))]
 
     transposed = [t.transpose(1, 2) for t in qkv]  # strides (seq * 48, 24, 48, 1): descriptors allowed
-    assert ta._tma("forward", *transposed)
+    assert launch.tma("forward", *transposed)
     for got, want in zip(run(*transposed), run(*(t.contiguous() for t in transposed))):
         assert torch.equal(got, want)
 
 
 def test_tensors_a_descriptor_cannot_describe_load_with_pointers():
     half = torch.float16
-    assert ta._tma("dq", torch.zeros(1, 2, 8, 24, dtype=half))
-    assert not ta._tma("dq", torch.zeros(1, 2, 8, 20, dtype=half))  # rows of 40 bytes
-    assert not ta._tma("dq", torch.zeros(1, 1, 8, 24, dtype=half).expand(1, 3, 8, 24))  # heads at stride 0
-    assert not ta._tma("dq", torch.zeros(1, 2, 24, 8, dtype=half).transpose(2, 3))  # head dim not contiguous
-    assert not ta._tma("dq", torch.zeros(1, 2, 8, 25, dtype=half)[..., 1:])  # base off 16 bytes
-    assert not ta._tma("dkdv", torch.zeros(1, 2, 8, 24, dtype=half))  # not in USE_TMA
+    assert launch.tma("dq", torch.zeros(1, 2, 8, 24, dtype=half))
+    assert not launch.tma("dq", torch.zeros(1, 2, 8, 20, dtype=half))  # rows of 40 bytes
+    assert not launch.tma("dq", torch.zeros(1, 1, 8, 24, dtype=half).expand(1, 3, 8, 24))  # heads at stride 0
+    assert not launch.tma("dq", torch.zeros(1, 2, 24, 8, dtype=half).transpose(2, 3))  # head dim not contiguous
+    assert not launch.tma("dq", torch.zeros(1, 2, 8, 25, dtype=half)[..., 1:])  # base off 16 bytes
+    assert not launch.tma("dkdv", torch.zeros(1, 2, 8, 24, dtype=half))  # not in USE_TMA
     # a dimension of size 1 may have any stride: the descriptor gets one past the tensor
     single = torch.zeros(2 * 8 * 24, dtype=half).as_strided((1, 2, 8, 24), (7, 8 * 24, 24, 1))
-    assert ta._tma("dq", single) and ta._strides(single) == [2 * 8 * 24, 8 * 24, 24, 1]
+    assert launch.tma("dq", single) and launch.strides(single) == [2 * 8 * 24, 8 * 24, 24, 1]
 
 
 def test_float16():
@@ -280,18 +284,18 @@ def test_block_lists_hold_every_tile_once_full_tiles_cut_short_as_partial():
     heads = [maskc.Documents(lengths=[30, 40]) & maskc.Causal(),
              maskc.Prefix(length=5) | maskc.Range(q=(32, 70), kv=(40, 90))]
     cm = maskc.compile(S(q_len=70, kv_len=90, mask=heads), block_size=(32, 16))
-    plan = ta.plan_for(cm, torch.device("cpu"))
+    forward, backward = (cm.plan(CPU).block_lists(d) for d in ("forward", "backward"))
     kinds = cm.block_kinds.numpy()
     ragged_q, ragged_kv = 70 // 32, 90 // 16  # the blocks that the ends cut short
     for slot, head in enumerate(cm.table.head_slot.tolist()):
         for qb in range(cm.n_q_blocks):
-            full, part = _listed(plan.forward, slot, qb)
+            full, part = _listed(forward, slot, qb)
             row = kinds[head, qb]
             assert full == [kb for kb in range(cm.n_kv_blocks) if row[kb] == maskc.FULL and kb != ragged_kv]
             assert part == [kb for kb in range(cm.n_kv_blocks) if row[kb] == maskc.PARTIAL
                             or (row[kb] == maskc.FULL and kb == ragged_kv)]
         for kb in range(cm.n_kv_blocks):
-            full, part = _listed(plan.backward, slot, kb)
+            full, part = _listed(backward, slot, kb)
             col = kinds[head, :, kb]
             assert full == [qb for qb in range(cm.n_q_blocks) if col[qb] == maskc.FULL and qb != ragged_q]
             assert part == [qb for qb in range(cm.n_q_blocks) if col[qb] == maskc.PARTIAL
@@ -303,13 +307,13 @@ def test_one_loop_lists_hold_every_tile_with_work_once_in_order():
     spec = S(q_len=70, kv_len=90, mask=maskc.Documents(lengths=[30, 40], kv_lengths=[50, 40])
              & maskc.Causal(align="bottom_right"))
     cm = maskc.compile(spec, block_size=(32, 16))
-    plan = ta.plan_for(cm, torch.device("cpu"))
-    assert plan.one_loop
+    plan = cm.plan(CPU)
+    assert plan.structure.one_loop
     kinds = cm.block_kinds.numpy()[0]
     for qb in range(cm.n_q_blocks):
-        assert _listed(plan.forward, 0, qb) == ([], [kb for kb in range(cm.n_kv_blocks) if kinds[qb, kb]])
+        assert _listed(plan.block_lists("forward"), 0, qb) == ([], [kb for kb in range(cm.n_kv_blocks) if kinds[qb, kb]])
     for kb in range(cm.n_kv_blocks):
-        assert _listed(plan.backward, 0, kb) == ([], [qb for qb in range(cm.n_q_blocks) if kinds[qb, kb]])
+        assert _listed(plan.block_lists("backward"), 0, kb) == ([], [qb for qb in range(cm.n_q_blocks) if kinds[qb, kb]])
 
 
 def test_full_tiles_cut_short_in_a_bit_pattern_slot():
@@ -317,8 +321,7 @@ def test_full_tiles_cut_short_in_a_bit_pattern_slot():
     # PARTIAL with pattern -1 in a slot whose other PARTIAL tiles read bit patterns
     spec = S(q_len=40, kv_len=37, mask=maskc.Predicate(fn=lambda i, j: (i >= 32) | (j >= 32) | ((i + j) % 3 != 0)))
     cm = check(spec)
-    plan = ta.plan_for(cm, torch.device("cpu"))
-    for lists in (plan.forward, plan.backward):
+    for lists in (cm.plan(CPU).block_lists(d) for d in ("forward", "backward")):
         assert -1 in lists.part_pattern.tolist() and (lists.part_pattern >= 0).any()
 
 
@@ -330,7 +333,7 @@ def test_empty_mask_launches_nothing(monkeypatch):
             raise AssertionError("a kernel was launched for an empty mask")
 
     for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
-        monkeypatch.setattr(ta, name, NoLaunch())
+        monkeypatch.setattr(kernels, name, NoLaunch())
     q = torch.randn(1, 2, 32, 16, requires_grad=True)
     k = torch.randn(1, 2, 48, 16, requires_grad=True)
     v = torch.randn(1, 2, 48, 16, requires_grad=True)
@@ -347,7 +350,8 @@ def test_new_document_lengths_reuse_the_kernels():
 
     first, second = compiled([10, 30, 24]), compiled([3, 5, 40, 16])
     assert first.kernel_source.splitlines()[1:] == second.kernel_source.splitlines()[1:]
-    assert ta.plan_for(first, torch.device("cpu")).predicate is ta.plan_for(second, torch.device("cpu")).predicate
+    assert first.plan(CPU).key == second.plan(CPU).key  # one structure: the same kernels
+    assert launch.predicate(first.plan(CPU).structure.source) is launch.predicate(second.plan(CPU).structure.source)
     for number in ("10", "30", "24", "40"):
         assert f" {number})" not in first.kernel_source and f"< {number}" not in first.kernel_source
 
@@ -360,7 +364,7 @@ def test_kernel_source_shows_the_generated_predicate():
 
 
 def test_runs_under_torch_compile_without_graph_break():
-    cm = maskc.compile(PREDICATE_SPECS["documents"], block_size=16)
+    cm = maskc.compile(PREDICATE_SPECS["documents"], block_size=16, device="cpu")
 
     def attend(q, k, v):
         out, lse = cm(q, k, v, return_lse=True, backend="triton")
@@ -372,6 +376,13 @@ def test_runs_under_torch_compile_without_graph_break():
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_under_torch_compile_the_plan_must_exist_before_the_call():
+    cm = maskc.compile(S(q_len=64, kv_len=64, mask=maskc.Causal()), block_size=16)
+    x = torch.randn(1, 1, 64, 16)
+    with pytest.raises(Exception, match=r"cm.to\('cpu'\)"):
+        torch.compile(lambda q: cm(q, q, q, backend="triton"), fullgraph=True, backend="eager")(x)
 
 
 @pytest.mark.parametrize("bad, error, words", [
@@ -397,10 +408,13 @@ def test_a_config_short_of_shared_memory_falls_back_to_a_smaller_one(monkeypatch
     from triton.runtime.errors import OutOfResources
 
     monkeypatch.setattr(tuning, "INTERPRETER", tuning.TileConfig(16, 32, 1, 2))
-    monkeypatch.setattr(ta, "_fitted", {})
-    kernel, tried = ta._attn_fwd, []
+    monkeypatch.setattr(launch, "_fitted", {})
+    monkeypatch.setattr(launch, "_launches", {})
+    kernel, tried = kernels._attn_fwd, []
 
     class SharedMemoryLimit:  # as a GPU whose shared memory holds one pipeline stage only
+        arg_names = kernel.arg_names
+
         def __getitem__(self, grid):
             def launch(*args, BLOCK_N, num_stages, **kwargs):
                 tried.append((BLOCK_N, num_stages))
@@ -410,7 +424,7 @@ def test_a_config_short_of_shared_memory_falls_back_to_a_smaller_one(monkeypatch
 
             return launch
 
-    monkeypatch.setattr(ta, "_attn_fwd", SharedMemoryLimit())
+    monkeypatch.setattr(kernels, "_attn_fwd", SharedMemoryLimit())
     cm = check(PREDICATE_SPECS["window"], block_size=32)
     x = torch.randn(1, 1, 40, 16)
     cm(x, x, x, backend="triton")  # the config that fitted is remembered

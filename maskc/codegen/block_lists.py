@@ -27,7 +27,7 @@ block short, is listed as PARTIAL with pattern -1: FULL tiles then need no
 bounds checks at all, and the predicate (which is false out of range) checks
 them. Memory is 4 bytes per non-empty tile and direction, plus 8 per group and
 slot: 4 MB for a causal mask of 128K tokens in blocks of 128. ``Plan`` in
-``triton_attention.py`` builds the lists once per compiled mask and device.
+``plan.py`` packs the lists once per compiled mask and device.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def expand(direction, ragged_entry: int) -> BlockLists:
 def merged(lists: BlockLists) -> BlockLists:
     """``lists`` with every group's FULL tiles moved into its PARTIAL list, entries ascending
     (pattern -1): one list and one loop per group, for masks whose spans tell FULL steps
-    from PARTIAL ones in the kernel (``triton_attention.ONE_LOOP``)."""
+    from PARTIAL ones in the kernel (``plan.ONE_LOOP``)."""
     n_slots, n_groups = lists.full_ptr.shape[0], lists.full_ptr.shape[1] - 1
     owner = np.concatenate([owners(lists.full_ptr.numpy()), owners(lists.part_ptr.numpy())])
     entry = np.concatenate([lists.full_idx.numpy(), lists.part_idx.numpy()])

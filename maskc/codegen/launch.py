@@ -1,60 +1,63 @@
-"""Launch logic: check the op's arguments, then run the reference or the Triton path."""
+"""Host side of the kernels: argument checks, tile configs and launches, each done once per shape.
+
+A call's cost on the host is what short sequences pay: at 8K tokens the
+kernels of a document mask take a few hundred microseconds. So everything
+that depends only on the mask's structure and the tensors' shapes, strides,
+dtypes and device is worked out once per such key and kept (``Launch``): the
+argument checks, the tile config that fits, the grid, the constexprs, and the
+compiled kernel. A launch after the first goes straight to the compiled
+kernel's launcher with a prepared argument list, past Triton's JIT binder
+(which re-derives the specialisation of every argument at every call); only
+the tensors, the scale and the stream are new.
+
+Triton specialises a kernel on the alignment of its pointer arguments and on
+integer arguments equal to 1 or divisible by 16. Integers are fixed by the key;
+the tensors a call brings are checked for 16-byte alignment at every call, and
+a call whose tensors are not aligned goes through the JIT (correct, slower).
+Launch hooks (profilers) also send every launch through the JIT.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import triton
+from triton.runtime.errors import OutOfResources
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .reference import reference_attention, reference_backward
+from . import kernels, tuning
+from .plan import Structure, predicate_source
+from .predicate import FUNCTION_NAME, MAX_POSITIONS
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 TRITON_MAX_BATCH_HEADS = 65535  # the launch grids' second axis (programs of one head run together on the first)
 
+#: The kernels whose loop steps copy their K/V (forward, dQ) or Q/dO (dK/dV) tiles with the tensor
+#: memory accelerator (``kernels._load_step``) on GPUs that have one (sm_90 and later), where the
+#: tensors allow a descriptor. dK/dV loads with pointers: with TMA it measured 1-3% slower
+#: (bench/RESULTS.md).
+USE_TMA = frozenset({"forward", "dq"})
 
-def check_inputs(cm, q, k, v, scale) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the bad argument, before any work."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, length, head_dim], got shape {tuple(x.shape)}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}.dtype={x.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[2] != cm.q_len:
-        raise ValueError(f"q has {q.shape[2]} queries (q.shape={tuple(q.shape)}) but the mask has q_len={cm.q_len}")
-    for name, x in (("k", k), ("v", v)):
-        if x.shape[2] != cm.kv_len:
-            raise ValueError(
-                f"{name} has {x.shape[2]} keys ({name}.shape={tuple(x.shape)}) but the mask has kv_len={cm.kv_len}"
-            )
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q's {q.shape[1]} heads must be a multiple of k's {k.shape[1]} heads (GQA/MQA)")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
-    if cm.n_heads not in (1, q.shape[1]):
-        raise ValueError(f"the mask has {cm.n_heads} per-head masks but q has {q.shape[1]} heads")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise TypeError(f"scale must be a finite number or None, got {scale!r}")
+#: Smaller problems (``q_len * kv_len``) load with pointers on GPUs (``_use_tma``).
+TMA_MIN_PAIRS = 1 << 24
+
+_INTERPRETED = isinstance(kernels._attn_fwd, InterpretedFunction)
 
 
-def check_triton_inputs(cm, q, k, v) -> None:
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETED
+
+
+# -- argument checks ------------------------------------------------------------------------
+def check_triton_inputs(block_size: tuple[int, int], q_len: int, kv_len: int, q, k, v) -> None:
     """What the Triton kernels support beyond ``check_inputs``; raised before any launch."""
-    from .predicate import MAX_POSITIONS
-    from .triton_attention import interpreting
-
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q.dtype={q.dtype} is not supported by backend='triton'; use one of {TRITON_DTYPES} "
                         "or backend='reference'")
@@ -65,66 +68,263 @@ def check_triton_inputs(cm, q, k, v) -> None:
     if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"q.device={q.device}: backend='triton' runs on CUDA tensors, or on CPU tensors when "
                          "TRITON_INTERPRET=1 was set before maskc's kernels were imported")
-    if any(b % 16 for b in cm.block_size):
-        raise ValueError(f"the mask was compiled with block_size={cm.block_size}; backend='triton' needs "
+    if any(b % 16 for b in block_size):
+        raise ValueError(f"the mask was compiled with block_size={block_size}; backend='triton' needs "
                          "multiples of 16 (kernel tiles are powers of two >= 16 dividing them)")
     if q.shape[0] * q.shape[1] > TRITON_MAX_BATCH_HEADS:
         raise ValueError(f"q has batch * heads = {q.shape[0]} * {q.shape[1]}; backend='triton' supports at most "
                          f"{TRITON_MAX_BATCH_HEADS}")
-    if cm.q_len + cm.kv_len >= MAX_POSITIONS:
-        raise ValueError(f"q_len + kv_len = {cm.q_len + cm.kv_len}: backend='triton' supports fewer than "
+    if q_len + kv_len >= MAX_POSITIONS:
+        raise ValueError(f"q_len + kv_len = {q_len + kv_len}: backend='triton' supports fewer than "
                          f"{MAX_POSITIONS} positions")
 
 
-def heads_of_slot(cm, n_heads: int) -> dict:
-    """Table slot -> the query heads it masks (a slice when one slot serves all)."""
-    slots = cm.table.head_slot.tolist()
-    if len(set(slots)) == 1:
-        return {slots[0]: slice(None)}
-    out: dict[int, list[int]] = {}
-    for head, slot in enumerate(slots if len(slots) == n_heads else slots * n_heads):
-        out.setdefault(slot, []).append(head)
-    return out
+# -- the generated predicate ------------------------------------------------------------------
+_predicates: dict[str, Callable] = {}
 
 
-def _uses_triton(cm, q, k, v, backend: Optional[str]) -> bool:
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{backend=} must be one of {BACKENDS} or None")
-    if backend == "triton" or (backend is None and q.is_cuda):
-        check_triton_inputs(cm, q, k, v)
-        return True
-    return False
+def predicate(digest: str):
+    """The ``@triton.jit`` predicate of a structure, compiled once per distinct text."""
+    if digest not in _predicates:
+        import linecache
+
+        source = predicate_source(digest)
+        filename = f"maskc_generated/{FUNCTION_NAME}_{digest}.py"
+        # Triton reads a function's source through inspect/linecache
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        namespace = {"triton": triton, "tl": triton.language, "__name__": f"maskc_generated_{digest}"}
+        exec(compile(source, filename, "exec"), namespace)  # the text comes from predicate.py, not from user input
+        python_fn = namespace[FUNCTION_NAME].fn  # run it the way the kernels that call it run
+        _predicates[digest] = InterpretedFunction(python_fn) if interpreting() else JITFunction(python_fn)
+    return _predicates[digest]
 
 
-def attention(cm, q, k, v, scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
-    check_inputs(cm, q, k, v, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _uses_triton(cm, q, k, v, backend):
-        from .triton_attention import triton_attention
+# -- TMA ----------------------------------------------------------------------------------------
+def tma(kernel: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``kernel`` copies its step tiles of ``tensors`` with TMA: it is in ``USE_TMA``, the
+    GPU is sm_90 or later (or Triton's interpreter runs the kernels: it runs descriptors too), and
+    a descriptor can describe each tensor (unit last stride, 16-byte aligned base and other
+    strides: the copy engine's rules)."""
+    if kernel not in USE_TMA:
+        return False
+    if not interpreting() and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in strides(t)[:-1]) for t in tensors)
 
-        out, lse = triton_attention(cm, q, k, v, scale)
-    else:
-        out, lse = reference_attention(cm, q, k, v, scale, heads_of_slot(cm, q.shape[1]))
-    return (out, lse) if return_lse else out
+
+def strides(t: torch.Tensor) -> list[int]:
+    """``t``'s strides, with those of dimensions of size 1 (no index moves along them, and torch
+    leaves them arbitrary) set past the whole tensor, a stride the copy engine accepts."""
+    extent = max(size * stride for size, stride in zip(t.shape, t.stride()))
+    return [stride if size > 1 else extent for size, stride in zip(t.shape, t.stride())]
 
 
-def attention_backward(cm, q, k, v, out, lse, d_out, d_lse=None, scale: Optional[float] = None,
-                       backend: Optional[str] = None):
-    """``(dq, dk, dv)`` of attention under ``cm`` from a forward's ``out`` and ``lse``, without
-    recomputing the forward; ``d_lse`` may be ``None``. ``out`` and ``lse`` need not come from this
-    mask: ring attention passes the merged result of all tiles, and gets each tile's share."""
-    check_inputs(cm, q, k, v, scale)
-    rows = q.shape[:-1]
-    for name, x, shape in (("out", out, rows + (v.shape[-1],)), ("d_out", d_out, rows + (v.shape[-1],)),
-                           ("lse", lse, rows), ("d_lse", d_lse, rows)):
-        if x is None and name == "d_lse":
+def descriptor(t: torch.Tensor, rows: int, use_tma: bool):
+    """A descriptor of ``t[batch, heads, rows, cols]`` for tiles of ``rows`` rows (``_load_step``),
+    or ``t`` itself where the kernels load with pointers (the argument is then unused)."""
+    if not use_tma:
+        return t
+    return TensorDescriptor(t, list(t.shape), strides(t), [1, 1, rows, tuning.head_bucket(t.shape[-1])])
+
+
+# -- launches -----------------------------------------------------------------------------------
+def _hooks_set() -> bool:
+    hook = triton.knobs.runtime.launch_enter_hook
+    return bool(getattr(hook, "calls", hook))
+
+
+class Launch:
+    """Launches of one kernel for one key (structure, shapes, strides, dtypes, device, alignment)
+    with one tile config. The first goes through Triton's JIT, which compiles the kernel (or
+    raises ``OutOfResources``) and returns it; later ones call its launcher directly with
+    ``template``, the arguments in the kernel's order, where the per-call ``names`` are filled
+    in. The values of the names in ``descriptors`` are tensors that the kernel copies with TMA:
+    each is wrapped in a descriptor for tiles of that many rows, a copy of one made at the first
+    call with the new tensor in it (the key fixes shapes and strides)."""
+
+    def __init__(self, kernel, grid: tuple[int, int, int], fixed: dict, names: tuple[str, ...],
+                 config: tuning.TileConfig, descriptors: dict[str, int], aligned: bool):
+        self.kernel, self.grid, self.config, self.aligned = kernel, grid, config, aligned
+        self.fixed, self.names = fixed, names
+        order = kernel.arg_names
+        self.template = [fixed.get(name) for name in order]
+        self.slots = [order.index(name) for name in names]
+        self.descriptors = {names.index(name): rows for name, rows in descriptors.items()}
+        self.made: dict[int, TensorDescriptor] = {}
+        self.compiled = None
+
+    def _wrapped(self, values: tuple) -> list:
+        values = list(values)
+        for n, rows in self.descriptors.items():
+            made = self.made.get(n)
+            if made is None:
+                made = self.made[n] = descriptor(values[n], rows, True)
+            else:
+                made = copy.copy(made)
+                made.base = values[n]
+            values[n] = made
+        return values
+
+    def __call__(self, values: tuple) -> None:
+        if self.descriptors:
+            values = self._wrapped(values)
+        compiled = self.compiled
+        if compiled is None or _hooks_set():
+            kwargs = dict(self.fixed)
+            kwargs.update(zip(self.names, values))
+            found = self.kernel[self.grid](num_warps=self.config.num_warps, num_stages=self.config.num_stages,
+                                           **kwargs)
+            if self.aligned and not interpreting():  # an unaligned key keeps going through the JIT
+                self.compiled = found
+            return
+        args = self.template.copy()
+        for slot, value in zip(self.slots, values):
+            args[slot] = value
+        stream = triton.runtime.driver.active.get_current_stream(values[0].device.index)
+        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+
+
+_launches: dict[tuple, Launch] = {}
+#: the tile config that fitted, per kernel, structure, dtype, device and head dims
+_fitted: dict[tuple, tuning.TileConfig] = {}
+
+
+def launch(name: str, key: tuple, values: tuple, build: Callable[[tuning.TileConfig], Launch],
+           structure: Structure, q, v) -> None:
+    """Launch kernel ``name`` with ``values`` through the ``Launch`` kept for ``key``; the first
+    call of a key picks its tile config (``tuning.config_for``), or the next smaller one while the
+    GPU lacks the shared memory it needs (masks with bit patterns pipeline one more tile)."""
+    found = _launches.get(key)
+    if found is not None:
+        found(values)
+        return
+
+    def bench(config: tuning.TileConfig) -> float:
+        return triton.testing.do_bench(lambda: build(config)(values), warmup=5, rep=25)
+
+    fit_key = (name, structure.key, q.dtype, q.device, q.shape[-1], v.shape[-1])
+    config = _fitted.get(fit_key) or tuning.config_for(name, q.device, q.dtype, q.shape[-1], structure.block_q,
+                                                       structure.block_kv, structure.short_rows, bench=bench)
+    while True:
+        found = build(config)
+        try:
+            found(values)
+        except OutOfResources:  # raised before the kernel runs: nothing was written
+            config = tuning.smaller(config)
+            if config is None:
+                raise
             continue
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or x.device != q.device:
-            raise ValueError(f"{name} must be a tensor of shape {tuple(shape)} on {q.device}, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _uses_triton(cm, q, k, v, backend):
-        from .triton_attention import triton_backward
+        _launches[key], _fitted[fit_key] = found, config
+        return
 
-        return triton_backward(cm, q, k, v, out, lse, d_out, d_lse, scale)
-    return reference_backward(cm, q, k, v, out, lse, d_out, d_lse, scale, heads_of_slot(cm, q.shape[1]))
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only applies to float32 operands
+
+
+def _constexprs(structure: Structure, direction: str, config: tuning.TileConfig, q, v) -> dict:
+    """Constexpr arguments of the three kernels."""
+    program, step = (config.block_m, config.block_n) if direction == "forward" else (config.block_n, config.block_m)
+    spans = structure.spans  # the predicate and its numbers go unused: one kernel for every such mask
+    return dict(
+        partial_mask=kernels.spans_only if spans else predicate(structure.source), SPANS=spans,
+        ONE_LOOP=structure.one_loop, CUT=structure.cut, TRIM=structure.trim(direction, program, step),
+        N_MASK_HEADS=structure.n_mask_heads, ARGS_WIDTH=1 if spans else structure.args_width, BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]), HEAD_DV=v.shape[-1],
+        BLOCK_DV=tuning.head_bucket(v.shape[-1]), PRECISION=_precision(q.dtype),
+    )
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _key(name: str, structure: Structure, aligned: bool, *tensors: torch.Tensor) -> tuple:
+    """What fixes a kernel's launch: everything but the tensors' data."""
+    return (name, structure.key, aligned, tensors[0].dtype, tensors[0].device,
+            *(x for t in tensors for x in (t.shape, t.stride())))
+
+
+def _use_tma(kernel: str, structure: Structure, aligned: bool, *tensors: torch.Tensor) -> bool:
+    """TMA copies for ``kernel``'s steps (``tma``), on GPUs for problems of ``TMA_MIN_PAIRS`` pairs
+    or more: a descriptor is encoded on the host at every launch, about 10 us for the two, which
+    smaller problems, whose host time exceeds their kernels', feel and cannot win back."""
+    return aligned and tma(kernel, *tensors) and (
+        interpreting() or structure.q_len * structure.kv_len >= TMA_MIN_PAIRS)
+
+
+def _strides(prefix: str, t: torch.Tensor, letters: str = "bhmd") -> dict:
+    return {f"stride_{prefix}{letter}": st for letter, st in zip(letters, t.stride())}
+
+
+def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
+    """``(out, lse)`` of the Triton forward (arguments checked by the caller)."""
+    if scale < 0:  # the kernel needs scale >= 0 (see _fwd_tiles); softmax(scale * q k^T) is unchanged
+        q, scale = -q, -scale
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if structure.empty:
+        return out.zero_(), lse.fill_(-math.inf)
+    aligned = _aligned(q, k, v)
+
+    def build(config: tuning.TileConfig) -> Launch:
+        use_tma = _use_tma("forward", structure, aligned, k, v)
+        fixed = dict(**_strides("q", q), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"), **_strides("o", out),
+                     n_heads=q.shape[1], group=q.shape[1] // k.shape[1], q_len=structure.q_len,
+                     kv_len=structure.kv_len, n_q_blocks=structure.n_q_blocks, TMA=use_tma,
+                     **_constexprs(structure, "forward", config, q, v))
+        grid = (structure.n_q_blocks * (structure.block_q // config.block_m), q.shape[0] * q.shape[1], 1)
+        return Launch(kernels._attn_fwd, grid, fixed,
+                      ("Q", "K", "V", "K_desc", "V_desc", "Out", "Lse", "T", "patterns", "qk_scale"), config,
+                      {"K_desc": config.block_n, "V_desc": config.block_n} if use_tma else {}, aligned)
+
+    launch("forward", _key("forward", structure, aligned, q, k, v),
+           (q, k, v, k, v, out, lse, tables, patterns, scale * kernels.LOG2E.value), build, structure, q, v)
+    return out, lse
+
+
+def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d_lse, scale: float):
+    """``(dq, dk, dv)`` of the Triton backward from the forward's ``out`` and ``lse``."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if structure.empty:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse2 = torch.empty_like(lse)  # written by the dQ kernel for every row, read by dK/dV
+    delta = torch.empty_like(lse)
+    d_lse = d_lse.to(torch.float32).contiguous()
+    qk_scale = scale * kernels.LOG2E.value
+    aligned = _aligned(q, k, v, out, d_out)
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+
+    def fixed(**more) -> dict:
+        return dict(**_strides("q", q), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"),
+                    **_strides("do", d_out), q_len=structure.q_len, kv_len=structure.kv_len, n_heads=n_heads,
+                    group=n_heads // n_kv_heads, **more)
+
+    def build_dq(config: tuning.TileConfig) -> Launch:
+        use_tma = _use_tma("dq", structure, aligned, k, v)
+        grid = (structure.n_q_blocks * (structure.block_q // config.block_m), q.shape[0] * n_heads, 1)
+        return Launch(kernels._attn_bwd_dq, grid,
+                      fixed(**_strides("o", out), **_strides("dq", dq), n_q_blocks=structure.n_q_blocks, TMA=use_tma,
+                            **_constexprs(structure, "forward", config, q, v)),
+                      ("Q", "K", "V", "K_desc", "V_desc", "Out", "dOut", "Lse", "dLse", "Lse2", "Delta", "dQ", "T",
+                       "patterns", "qk_scale", "scale"), config,
+                      {"K_desc": config.block_n, "V_desc": config.block_n} if use_tma else {}, aligned)
+
+    def build_dkdv(config: tuning.TileConfig) -> Launch:
+        use_tma = _use_tma("dkdv", structure, aligned, q, d_out)
+        grid = (structure.n_kv_blocks * (structure.block_kv // config.block_n), q.shape[0] * n_kv_heads, 1)
+        return Launch(kernels._attn_bwd_dkdv, grid,
+                      fixed(**_strides("dk", dk, "bhnd"), **_strides("dv", dv, "bhnd"), n_kv_heads=n_kv_heads,
+                            n_kv_blocks=structure.n_kv_blocks, TMA=use_tma,
+                            **_constexprs(structure, "backward", config, q, v)),
+                      ("Q", "K", "V", "dOut", "Q_desc", "dO_desc", "Lse2", "Delta", "dK", "dV", "T", "patterns",
+                       "qk_scale", "scale"), config,
+                      {"Q_desc": config.block_m, "dO_desc": config.block_m} if use_tma else {}, aligned)
+
+    key = _key("dq", structure, aligned, q, k, v, out, d_out)
+    launch("dq", key, (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale),
+           build_dq, structure, q, v)  # first: it computes the row terms dK/dV reads
+    launch("dkdv", ("dkdv",) + key[1:], (q, k, v, d_out, q, d_out, lse2, delta, dk, dv, tables, patterns, qk_scale,
+                                         scale), build_dkdv, structure, q, v)
+    return dq, dk, dv

@@ -43,7 +43,7 @@ class TileConfig:
 
 #: (kernel, padded head dim) -> config, for 16-bit inputs on Hopper-class GPUs, masks with long
 #: rows (``SHORT_ROWS``). At head dim 128 on an H200, once the pipeline loads two steps ahead
-#: (``triton_attention._step_start``), the fastest were a forward of 128 x 128 and FlexAttention's
+#: (``kernels._step_start``), the fastest were a forward of 128 x 128 and FlexAttention's
 #: own backward tiles (dQ 128 x 64, dK/dV 64 x 128, 8 warps, 3 stages): causal 128K, useful
 #: TFLOP/s 493 forward and 412 backward (bench/RESULTS.md). dK/dV keeps two [BLOCK_N, head dim]
 #: float32 accumulators live: at 64 x 128 with 8 warps and 3 stages it takes 255 registers and
@@ -146,6 +146,27 @@ def default_config(kernel: str, device: torch.device, dtype: torch.dtype, head_d
     return SHORT_ROWS_16BIT.get(key, DEFAULTS_16BIT[key]) if short_rows else DEFAULTS_16BIT[key]
 
 
+def _autotuning(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("MASKC_AUTOTUNE") == "1"
+
+
+def tile_pairs(device: torch.device, bq: int, bk: int, short_rows: bool) -> tuple[tuple[str, int, int], ...]:
+    """``(direction, program, step)`` of every config ``config_for`` can return on ``device`` for
+    table blocks ``(bq, bk)``, any dtype and head dim: ``("forward", block_m, block_n)`` for the
+    forward and dQ, ``("backward", block_n, block_m)`` for dK/dV. The plan trims the PARTIAL
+    steps of these (``plan.py``); a config outside them (a smaller one after ``OutOfResources``)
+    walks every step."""
+    configs = set()
+    for kernel in KERNELS:
+        for dtype in (torch.bfloat16, torch.float32):
+            for head_dim in (16, 32, 64, 128, 256):
+                configs.add((kernel, fit(default_config(kernel, device, dtype, head_dim, short_rows), bq, bk)))
+        if _autotuning(device):
+            configs |= {(kernel, fit(c, bq, bk)) for c in CANDIDATES[kernel]}
+    return tuple(sorted({("backward", c.block_n, c.block_m) if kernel == "dkdv" else ("forward", c.block_m, c.block_n)
+                         for kernel, c in configs}))
+
+
 def config_for(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, bq: int, bk: int,
                short_rows: bool = False, bench: Optional[Callable[[TileConfig], float]] = None) -> TileConfig:
     """The tile config of ``kernel``; timed over ``CANDIDATES`` once if ``MASKC_AUTOTUNE=1``.
@@ -154,7 +175,7 @@ def config_for(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: 
     ``bench(config)`` runs the kernel with ``config`` and returns its time; it
     must leave the outputs as a run with any other config would."""
     chosen = fit(default_config(kernel, device, dtype, head_dim, short_rows), bq, bk)
-    if bench is None or device.type != "cuda" or os.environ.get("MASKC_AUTOTUNE") != "1":
+    if bench is None or not _autotuning(device):
         return chosen
     key = (kernel, torch.cuda.get_device_name(device), dtype, head_bucket(head_dim), bq, bk, short_rows)
     if key not in _tuned:
