@@ -261,6 +261,7 @@ class _Ring:
     # -- forward ------------------------------------------------------------------------
     def forward(self, q, k, v, scale):
         """``(out, lse)`` of this rank's queries against the whole sequence."""
+        k, v = k.contiguous(), v.contiguous()  # sent as they are
         transport, buffers = _Transport(self.plan, self.group, q.device), self._buffers((k, v))
         merged = Partials(q, v)
         held = (k, v)
@@ -285,6 +286,7 @@ class _Ring:
         """
         plan, me, p = self.plan, self.rank, self.plan.world_size
         work = _work_dtype(q.dtype)
+        k, v = k.contiguous(), v.contiguous()  # sent as they are
         transport, buffers = _Transport(plan, self.group, q.device), self._buffers((k, v))
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dk, dv = (torch.zeros(x.shape, dtype=work, device=x.device) for x in (k, v))

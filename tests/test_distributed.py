@@ -96,6 +96,8 @@ def _check_ring(spec, strategy, rank, world, group=None):
     q, k, v, d_out, d_lse = _inputs()
     expected = _single_process(spec, q, k, v, d_out, d_lse)
     local = [plan.shard(x, rank).clone().requires_grad_() for x in (q, k, v)]
+    # k and v as non-contiguous views ([batch, tokens, heads, dim] storage), as many models hold them
+    local[1:] = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in local[1:]]
     with tile_work() as counts:
         out, lse = ring_attention(*local, plan, group=group, return_lse=True)
         after_forward = list(counts["forward"])
