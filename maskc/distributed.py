@@ -30,10 +30,12 @@ shapes and dtypes travel in one small ``all_gather``, so a mismatch on one
 rank (say a data loader that gave it other document lengths) raises
 ``ValueError`` on all of them, naming the ranks that differ, instead of
 computing wrong attention. A rank that dies or never calls cannot be told
-apart from a slow one: the others raise the backend's error (gloo and NCCL:
-``RuntimeError``, ``torch.distributed.DistBackendError``) once the process
-group's ``timeout`` (``init_process_group(timeout=...)``) runs out, or at
-once where the backend sees the connection drop.
+apart from a slow one: the others fail once the process group's ``timeout``
+(``init_process_group(timeout=...)``) runs out, or at once where the backend
+sees the connection drop. With gloo they raise ``RuntimeError`` ("Timed out
+waiting 3000ms for send operation to complete", "Connection reset by
+peer"); with NCCL the watchdog aborts the operation and, by default
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING``), ends the process.
 """
 
 from __future__ import annotations
