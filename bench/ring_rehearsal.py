@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="2K tokens, 2 heads x 16, float32, block size 32")
     parser.add_argument("--tokens", type=int, nargs="+", help="sequence lengths (default 128K 512K)")
     parser.add_argument("--worlds", type=int, nargs="+", help="world sizes (default 4 8)")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES[::-1]),
+                        help="default: balanced (the target's), zigzag, contiguous")
     parser.add_argument("--heads", type=int, help="query and key/value heads (default 16)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and the tensors")

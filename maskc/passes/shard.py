@@ -23,7 +23,12 @@ Work is the exact number of allowed ``(query, key)`` pairs of every
 intervals of ``lower`` in time linear in the tokens: the mask is never
 materialised. A shard travels round the ring only as far as the last rank that
 needs it (``last_hop``): a document-causal mask needs few hops, a causal one
-all of them.
+all of them. In the backward pass the K/V shards travel again, and the dK/dV
+share of every tile with work goes straight to the shard's owner
+(``returns_share``); tiles without work send none.
+
+Every rank must hold the same plan; ``fingerprints`` (sha256 of the spec and
+of the layout) let ``maskc.distributed`` compare them across ranks.
 """
 
 from __future__ import annotations
