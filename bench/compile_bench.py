@@ -56,13 +56,13 @@ FLEX_SURE = (1 << 14, 1 << 15)  # FlexAttention on the CPU: 16K and 32K; longer 
 SECTION = "## Compile time (issue 2)"
 
 
-def document_lengths(n: int, seed: int = 0) -> list[int]:
-    """Seeded document lengths of 512 to 16K tokens filling ``n`` (the last one cut to fit)."""
+def document_lengths(n: int, seed: int = 0, low: int = 512, high: int = 16384) -> list[int]:
+    """Seeded document lengths of ``low`` to ``high`` (512 to 16K) tokens filling ``n`` (the last one cut to fit)."""
     rng = np.random.default_rng(seed)
     lengths: list[int] = []
     total = 0
     while total < n:
-        lengths.append(min(int(rng.integers(512, 16385)), n - total))
+        lengths.append(min(int(rng.integers(low, high + 1)), n - total))
         total += lengths[-1]
     return lengths
 

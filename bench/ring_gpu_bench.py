@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Mask-aware ring attention across GPUs with NCCL: correctness, speed and overlap (issue 6).
+"""Mask-aware ring attention across GPUs with NCCL: correctness, speed and overlap (issues 6, 17).
 
-    python bench/ring_gpu_bench.py                           # every visible GPU, one process each
+    python bench/ring_gpu_bench.py                           # every visible GPU (at least 2), one process each
     python bench/ring_gpu_bench.py --results                 # also write the table into bench/RESULTS.md
     torchrun --nproc-per-node 8 bench/ring_gpu_bench.py      # the same under torchrun
     python bench/ring_gpu_bench.py --backend gloo --tiny     # a CPU smoke run (2 processes, tiny sizes)
@@ -16,12 +16,18 @@ at 128K to 1M tokens, 16 heads, head dim 128, bf16, and each sharding strategy:
   slowest rank (every rank starts together after a barrier);
 * TFLOP/s per GPU: useful FLOPs (4 x head dim x heads per allowed pair forward,
   3.5 times that forward+backward) over P GPUs and the step time;
-* ratio: that over the TFLOP/s of the single-GPU kernel on the same per-GPU
-  work (the same mask kind at tokens / P, on one GPU);
+* per-GPU efficiency: that over the TFLOP/s of the single-GPU kernel on the
+  same per-GPU work (the same mask kind at tokens / P, on one GPU);
 * overlap: the share of the ring's communication hidden by compute,
   ``(compute + comm - ring) / comm`` clipped to [0, 1], where compute is this
-  rank's tiles run back to back without communication and comm is the ring's
-  transfers run without compute (the ring with every tile skipped).
+  rank's tile schedule run without communication (forward, then each tile's
+  backward from the merged out and lse, as in ``bench/ring_rehearsal.py``) and
+  comm is the ring run with every tile's compute replaced by empty results
+  (its K/V and dK/dV shares still travel).
+
+With one GPU it stops and points to ``bench/ring_rehearsal.py``, which runs
+every rank's schedule on that GPU and gives the efficiency a multi-GPU ring
+can reach at most.
 
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``,
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1``, set below
@@ -55,6 +61,7 @@ from maskc.distributed import _Ring, compiled_tiles, ring_attention, shard_plan 
 from maskc.passes.shard import STRATEGIES  # noqa: E402
 from compile_bench import document_lengths  # noqa: E402 - the documents of bench/plan_bench.py too
 from results import add_run  # noqa: E402
+from ring_rehearsal import Rank  # noqa: E402 - one rank's tile schedule, as the rehearsal runs it
 
 SECTION = "## Ring attention on GPUs (issue 6)"
 
@@ -157,33 +164,22 @@ class Bench:
         return statistics.median(times)
 
     def compute_only_ms(self, plan) -> tuple[float, float]:
-        """Forward and forward+backward milliseconds of this rank's tiles with no communication
-        (the backward recomputes each tile's forward, as the ring's does)."""
-        ops = compiled_tiles(plan, self.rank)
-        n_q = int(plan.shard_lengths[self.rank])
-        work = []
-        for step, op in enumerate(ops):
-            if op is not None:
-                q, k, v = (x.requires_grad_() for x in
-                           self.tensors(n_q, int(plan.shard_lengths[plan.source(self.rank, step)]), seed=step))
-                work.append((op, q, k, v))
-
-        def forward():
-            for op, q, k, v in work:
-                op(q, k, v, return_lse=True)
-
-        def forward_backward():
-            for op, q, k, v in work:
-                op(q, k, v, return_lse=True)  # the ring's forward
-                out, lse = op(q, k, v, return_lse=True)  # and its backward's recompute
-                torch.autograd.grad((out, lse), (q, k, v), (torch.ones_like(out), torch.zeros_like(lse)))
-
-        return self.ms(forward), self.ms(forward_backward)
+        """Forward and forward+backward milliseconds of this rank's tile schedule with no communication
+        (``ring_rehearsal.Rank``: the tiles' forward merged, then each tile's backward from the merged
+        out and lse, as the ring runs them)."""
+        me, n = self.rank, plan.shard_lengths
+        q = self.tensors(int(n[me]), 1, seed=0)[0]
+        kv = {s: self.tensors(1, int(n[s]), seed=s)[1:] for s in range(self.world)}
+        shards = {"q": {me: q}, "d_out": {me: torch.randn_like(q)}, "k": {s: x[0] for s, x in kv.items()},
+                  "v": {s: x[1] for s, x in kv.items()}}
+        rank = Rank(plan, me, shards, 128)
+        return self.ms(rank.forward), self.ms(lambda: rank.step(lambda: None))
 
     def comm_only_ms(self, plan, q, k, v) -> tuple[float, float]:
-        """Forward and forward+backward milliseconds of the ring's transfers with every tile skipped."""
+        """Forward and forward+backward milliseconds of the ring's transfers, every tile's compute
+        replaced by empty results of its shapes (the K/V and the dK/dV shares still travel)."""
         ring = _Ring(plan, None, 128)
-        ring.tiles = (None,) * len(ring.tiles)
+        ring.tiles = tuple(None if op is None else NoCompute() for op in ring.tiles)
         scale = 1.0 / math.sqrt(q.shape[-1])
         out, lse = ring.forward(q, k, v, scale)
         d_out, d_lse = torch.ones_like(out), torch.zeros_like(lse)
@@ -207,11 +203,22 @@ class Bench:
                 "compute_ms": compute_step, "comm_ms": comm_step, "overlap": min(max(hidden, 0.0), 1.0)}
 
 
+class NoCompute:
+    """Stands in for a tile's op in communication-only timing: results of the right shapes, no attention."""
+
+    def __call__(self, q, k, v, scale=None, return_lse=False):
+        rows = q.shape[:-1]
+        return q.new_zeros(rows + (v.shape[-1],)), q.new_full(rows, -math.inf, dtype=torch.float32)
+
+    def backward(self, q, k, v, out, lse, d_out, d_lse=None, scale=None):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
 def table(rows: list[dict], world: int, device_name: str) -> str:
     lines = [f"ring attention over {world} x {device_name}, fwd+bwd step (slowest rank, median); overlap = share "
              "of communication hidden by compute",
              "| mask | tokens | strategy | busiest/mean | fwd ms | step ms | TFLOP/s per GPU | single-GPU TFLOP/s | "
-             "ratio | compute ms | comm ms | overlap |",
+             "per-GPU efficiency | compute ms | comm ms | overlap |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tokens = f"{r['tokens'] // 1024}K" if r["tokens"] >= 1024 else str(r["tokens"])
@@ -250,7 +257,7 @@ def main_worker(rank: int, world: int, args, init_method: str) -> None:
                     row = bench.run(kind, n, strategy, single)
                     rows.append(row)
                     say(f"{kind} {n} {strategy}: step {row['step_ms']:.1f} ms, {row['tflops']:.1f} TFLOP/s per "
-                        f"GPU ({row['ratio']:.2f} of single-GPU), overlap {row['overlap']:.0%}", flush=True)
+                        f"GPU (per-GPU efficiency {row['ratio']:.2f}), overlap {row['overlap']:.0%}", flush=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"
         text = table(rows, world, name)
         say("", text, sep="\n", flush=True)
@@ -280,8 +287,10 @@ def main() -> None:
         main_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, "env://")
         return
     world = args.nprocs or (torch.cuda.device_count() if args.backend == "nccl" else 2)
-    if world < 1:
-        parser.error("no CUDA device is visible; run with --backend gloo (and --tiny) on the CPU")
+    if world < 2:
+        parser.error(f"{torch.cuda.device_count()} CUDA device(s) visible: a ring needs at least 2. On one GPU, "
+                     "bench/ring_rehearsal.py runs every rank's tile schedule and reports the efficiency a ring can "
+                     "reach; on the CPU, run this with --backend gloo --tiny")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

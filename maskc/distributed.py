@@ -2,23 +2,40 @@
 
 Every rank holds its shard of the sequence (``ShardPlan.shard``) of ``q``,
 ``k`` and ``v``. At ring step ``t`` rank ``r`` holds the K/V shard of rank
-``r - t``, computes its queries against it with that tile's compiled op
-(``ShardPlan.tile_spec`` compiled once per plan and rank), and merges the
-partial result by log-sum-exp (``maskc.merge_partials``). K/V move to the
-next rank with ``batch_isend_irecv`` posted before the step's compute, so the
-transfer overlaps it. Empty tiles compute nothing, and a shard stops where the
-last rank that needs it is (``ShardPlan.last_hop``).
+``r - t`` and computes its queries against it with that tile's compiled op
+(``ShardPlan.tile_spec`` compiled once per plan and rank, ``compiled_tiles``),
+merging the partial results by log-sum-exp (``maskc.merge_partials``).
 
-The backward pass runs its own ring: K/V travel again, each with a float32
-dK/dV accumulator that every rank holding the shard adds its share to and
-passes on after its compute; the last holder sends the finished accumulator
-straight back to the shard's owner. A tile's share of the gradient is the
-gradient of its partial result under the merge (``_tile_grads``).
+Communication is hidden behind compute. Each step first posts its messages
+(``batch_isend_irecv``: the K/V shard held sent on, the next one received),
+then computes, then waits. The next shard lands in the one of two receive
+buffers that is not being computed on (double buffering). On GPUs the
+messages go on a side CUDA stream that waits for the compute stream before it
+starts, and the compute stream waits for them only where it reads what
+arrived (``_Transport``). Tiles that allow nothing are skipped, and a shard
+stops at the last rank that needs it (``ShardPlan.last_hop``).
 
-Arguments are checked on every rank before the ring starts; shapes, dtypes and
-plans are compared across ranks with one small ``all_gather``, so a mistake on
-one rank raises ``ValueError`` on all of them instead of leaving the others
-waiting in a send.
+The backward pass does no forward work. K/V travel the ring again, and each
+tile's op turns the saved merged ``out`` and ``lse`` into its exact share of
+the gradients (``CompiledMask.backward``: ``P = exp(s - lse)``,
+``delta = rowsum(d_out * out) - d_lse``). dQ stays on the rank; the dK/dV
+share of another rank's shard is sent straight to that rank with the next
+step's messages (``ShardPlan.returns_share``) and added to its own. Forward
+plus backward of the ring visits each allowed pair exactly as often as
+single-device attention does: once forward, once backward.
+
+Arguments are checked on every rank before the ring starts: each rank's
+plan fingerprint (spec, strategy, shard layout: ``ShardPlan.fingerprints``),
+shapes and dtypes travel in one small ``all_gather``, so a mismatch on one
+rank (say a data loader that gave it other document lengths) raises
+``ValueError`` on all of them, naming the ranks that differ, instead of
+computing wrong attention. A rank that dies or never calls cannot be told
+apart from a slow one: the others fail once the process group's ``timeout``
+(``init_process_group(timeout=...)``) runs out, or at once where the backend
+sees the connection drop. With gloo they raise ``RuntimeError`` ("Timed out
+waiting 3000ms for send operation to complete", "Connection reset by
+peer"); with NCCL the watchdog aborts the operation and, by default
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING``), ends the process.
 """
 
 from __future__ import annotations
@@ -37,10 +54,11 @@ from .partitioning import merge_partials
 from .passes.shard import STRATEGIES, ShardPlan, shard_plan
 
 # message kinds, part of each P2P tag so that gloo pairs sends and receives unambiguously
-_K, _V, _DK, _DV, _DK_HOME, _DV_HOME = range(6)
-_KINDS = 8
+_K, _V, _DK, _DV = range(4)
+_KINDS = 4
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PARTS, _PARTS_SAID = ("spec", "layout"), ("spec", "strategy or shard layout")  # of ShardPlan.fingerprints
 
 _compiled: "weakref.WeakKeyDictionary[ShardPlan, dict]" = weakref.WeakKeyDictionary()
 
@@ -61,27 +79,40 @@ def compiled_tiles(plan: ShardPlan, rank: int, block_size=128) -> tuple[Optional
 
 
 def _header(plan: ShardPlan, q, k, v) -> list[int]:
-    """What one rank tells the others: its plan's fingerprint, whether q, k, v share a device, and
-    ``(dtype code, batch, heads, tokens, head_dim)`` of each of q, k, v (all -1 where unusable)."""
+    """What one rank tells the others: its plan's fingerprints (spec, layout; 60 bits of each), whether
+    q, k, v share a device, and ``(dtype code, batch, heads, tokens, head_dim)`` of each of q, k, v (all -1
+    where unusable)."""
     tensors = [x for x in (q, k, v) if isinstance(x, torch.Tensor)]
-    out = [plan.fingerprint, int(len({x.device for x in tensors}) <= 1)]
+    out = [int(plan.fingerprints[part][:15], 16) for part in _PARTS] + [int(len({x.device for x in tensors}) <= 1)]
     for x in (q, k, v):
         usable = isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _DTYPES
         out += [_DTYPES.index(x.dtype), *x.shape] if usable else [-1] * 5
     return out
 
 
+def _plan_problem(headers: np.ndarray) -> Optional[str]:
+    """The ranks whose plan differs from rank 0's, and what differs, or ``None``."""
+    differ = headers[:, :len(_PARTS)] != headers[:1, :len(_PARTS)]
+    ranks = np.flatnonzero(differ.any(axis=1)).tolist()
+    if not ranks:
+        return None
+    what = "; ".join(f"rank {r}'s " + " and ".join(part for part, d in zip(_PARTS_SAID, differ[r]) if d)
+                     + (" differ" if differ[r].all() else " differs") for r in ranks)
+    return (f"ranks {ranks} built a different plan than rank 0: {what}. Every rank must build its plan from the "
+            "same spec (the same document lengths: a data loader out of step gives ranks different ones), "
+            "world_size, strategy and options")
+
+
 def _problems(plan: ShardPlan, headers: np.ndarray) -> list[str]:
     """Every mismatch between the ranks' arguments and the plan, named by rank and argument."""
+    plan_problem = _plan_problem(headers)
+    if plan_problem:  # the rest would be judged against plans that differ
+        return [plan_problem]
     found = []
-    args = headers[:, 2:].reshape(len(headers), 3, 5)
-    fingerprints = headers[:, 0].tolist()
-    if len(set(fingerprints)) > 1:
-        groups = [[r for r, f in enumerate(fingerprints) if f == one] for one in dict.fromkeys(fingerprints)]
-        found.append(f"ranks {' and '.join(map(str, groups))} hold different plans; every rank must pass the "
-                     "same plan (same spec, world_size, strategy and options)")
+    headers = headers[:, len(_PARTS):]
+    args = headers[:, 1:].reshape(len(headers), 3, 5)
     for r, row in enumerate(headers):
-        if not row[1]:
+        if not row[0]:
             found.append(f"rank {r}: q, k, v must be on one device")
         for name, (dtype, *shape) in zip("qkv", args[r].tolist()):
             if dtype < 0:
@@ -113,21 +144,92 @@ def _check(q, k, v, plan, group) -> None:
         raise TypeError(f"plan must be a ShardPlan (from maskc.distributed.shard_plan), got {type(plan).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs torch.distributed initialised (dist.init_process_group)")
-    world = dist.get_world_size(group)
-    if world != plan.world_size:
-        raise ValueError(f"the process group has {world} ranks but the plan was made for "
-                         f"world_size={plan.world_size}")
     # the ranks' arguments travel in one small all_gather, on the device the group's backend needs
+    world = dist.get_world_size(group)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     mine = torch.tensor(_header(plan, q, k, v), dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
+    if world != plan.world_size:  # after the gather: the other ranks see this plan's other fingerprint
+        raise ValueError(f"the process group has {world} ranks but the plan was made for "
+                         f"world_size={plan.world_size}")
     problems = _problems(plan, torch.stack(every).cpu().numpy())
     if problems:
         raise ValueError("ring_attention arguments do not match the plan: " + "; ".join(problems))
 
 
 # -- the ring --------------------------------------------------------------------------
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Partials:
+    """One rank's partial results (its tiles' ``out, lse``) merged by log-sum-exp as they come, in the
+    work precision (float32, float64 for float64 inputs), as ``ring_attention``'s forward merges them."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor):
+        self.q, self.v, self.work = q, v, _work_dtype(q.dtype)
+        self.out = self.lse = None
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.out is None:
+            self.out, self.lse = out.to(self.work), lse
+        else:
+            self.out, self.lse = merge_partials([self.out, out], [self.lse, lse])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)``: ``out`` in q's dtype, ``lse`` in the work precision; 0 and ``-inf`` with no part."""
+        q, work = self.q, self.work
+        if self.out is None:  # the queries attend nothing
+            shape = q.shape[:-1]
+            return (torch.zeros(shape + (self.v.shape[-1],), dtype=q.dtype, device=q.device),
+                    torch.full(shape, -math.inf, dtype=work, device=q.device))
+        return self.out.to(q.dtype), self.lse.to(work)
+
+
+class _Transport:
+    """One rank's asynchronous sends and receives, started a batch at a time.
+
+    ``post`` starts a step's messages together (``batch_isend_irecv``). With
+    CUDA tensors it starts them on a side stream that first waits for the
+    compute stream (what is sent is computed, what is received into is no
+    longer read), so the compute queued after it runs beside the transfer; every
+    tensor is marked as used on that stream (``record_stream``), so the caching
+    allocator does not give its memory out again before the transfer ends.
+    ``wait`` makes the caller's stream (NCCL) or the caller (gloo) wait for a
+    batch. Messages are tagged ``(step, kind)`` and every message is received
+    in the receiver's batch of the step it is sent in, so batches pair up.
+    """
+
+    def __init__(self, plan: ShardPlan, group, device: torch.device):
+        self.plan, self.group = plan, group
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def post(self, step: int, sends: Sequence[tuple], receives: Sequence[tuple]) -> list:
+        """Start ``(tensor, group rank, kind)`` sends and receives; their requests."""
+        def op(kind, tensor, rank, message):
+            rank %= self.plan.world_size
+            peer = rank if self.group is None else dist.get_global_rank(self.group, rank)
+            return dist.P2POp(kind, tensor, peer, self.group, step * _KINDS + message)
+
+        ops = [op(dist.isend, *x) for x in sends] + [op(dist.irecv, *x) for x in receives]
+        if not ops:
+            return []
+        if self.stream is None:
+            return dist.batch_isend_irecv(ops)
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            requests = dist.batch_isend_irecv(ops)
+        for x in ops:
+            x.tensor.record_stream(self.stream)
+        return requests
+
+    @staticmethod
+    def wait(requests: Sequence) -> None:
+        for request in requests:
+            request.wait()
 
 
 class _Ring:
@@ -138,119 +240,96 @@ class _Ring:
         self.rank = dist.get_rank(group)
         self.tiles = compiled_tiles(plan, self.rank, block_size)
 
-    def _post(self, sends: Sequence[tuple], receives: Sequence[tuple]) -> list:
-        """Start ``(tensor, group rank, kind, step)`` sends and receives together; their requests."""
-        def op(kind, tensor, rank, message, step):
-            rank %= self.plan.world_size
-            peer = rank if self.group is None else dist.get_global_rank(self.group, rank)
-            return dist.P2POp(kind, tensor, peer, self.group, step * _KINDS + message)
+    def _buffers(self, like: tuple) -> list:
+        """Two flat buffers per tensor of ``like`` (K, V) for the shards that arrive, used in turn:
+        the shard arriving during step ``t`` lands in ``[t % 2]``, never the one held at ``t``."""
+        plan, me = self.plan, self.rank
+        arriving = [int(plan.shard_lengths[plan.source(me, t + 1)]) for t in range(plan.n_steps) if plan.receives(me, t)]
+        n = max(arriving, default=0)
+        return [[x.new_empty(x[:, :, :1].numel() * n) for x in like] for _ in range(2 if n else 0)]
 
-        ops = [op(dist.isend, *x) for x in sends] + [op(dist.irecv, *x) for x in receives]
-        return dist.batch_isend_irecv(ops) if ops else []
-
-    def _arriving(self, step: int, like: tuple, dtype=None) -> tuple:
-        """Empty tensors shaped like ``like`` (K, V) for the shard that arrives during ``step``."""
-        n = int(self.plan.shard_lengths[self.plan.source(self.rank, step + 1)])
-        return tuple(torch.empty(x.shape[:2] + (n,) + x.shape[3:], dtype=dtype or x.dtype, device=x.device)
-                     for x in like)
-
-    def _pass(self, step: int, held: Optional[tuple], like: tuple, kinds: tuple, dtype=None):
-        """Send the pair ``held`` on if a later rank needs its shard, and receive the next shard's pair.
-        Returns the requests and the arriving pair (``None`` if nothing arrives)."""
+    def _kv_messages(self, step: int, held: tuple, like: tuple, buffers: list):
+        """The K/V messages of ``step``: ``held`` sent on if a later rank needs its shard, and the next
+        shard received into a buffer. Returns the sends, the receives and the arriving pair (or ``None``)."""
         me, plan = self.rank, self.plan
-        sends = [(x, me + 1, kind, step) for x, kind in zip(held, kinds)] if plan.forwards(me, step) else []
-        arriving = self._arriving(step, like, dtype) if plan.receives(me, step) else None
-        receives = [(x, me - 1, kind, step) for x, kind in zip(arriving, kinds)] if arriving else []
-        return self._post(sends, receives), arriving
+        sends = [(x, me + 1, kind) for x, kind in zip(held, (_K, _V))] if plan.forwards(me, step) else []
+        if not plan.receives(me, step):
+            return sends, [], None
+        n = int(plan.shard_lengths[plan.source(me, step + 1)])
+        arriving = tuple(flat[: x[:, :, :1].numel() * n].view(x.shape[:2] + (n,) + x.shape[3:])
+                         for flat, x in zip(buffers[step % 2], like))
+        return sends, [(x, me - 1, kind) for x, kind in zip(arriving, (_K, _V))], arriving
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, q, k, v, scale):
         """``(out, lse)`` of this rank's queries against the whole sequence."""
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = lse = None
+        k, v = k.contiguous(), v.contiguous()  # sent as they are
+        transport, buffers = _Transport(self.plan, self.group, q.device), self._buffers((k, v))
+        merged = Partials(q, v)
         held = (k, v)
         for step, op in enumerate(self.tiles):
-            requests, arriving = self._pass(step, held, (k, v), (_K, _V))  # overlaps the compute below
+            sends, receives, arriving = self._kv_messages(step, held, (k, v), buffers)
+            requests = transport.post(step, sends, receives)  # the next K/V travels during the compute below
             if op is not None:
-                part, part_lse = op(q, *held, scale=scale, return_lse=True)
-                if out is None:
-                    out, lse = part.to(work), part_lse
-                else:
-                    out, lse = merge_partials([out, part], [lse, part_lse])
-            for request in requests:
-                request.wait()
+                merged.add(*op(q, *held, scale=scale, return_lse=True))
+            transport.wait(requests)
             held = arriving
-        if out is None:  # this rank's queries attend nothing
-            out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=work, device=q.device)
-            lse = torch.full(q.shape[:-1], -math.inf, dtype=work, device=q.device)
-        return out.to(q.dtype), lse.to(work)  # float32, or float64 for float64 inputs, as the tile ops give
+        return merged.result()
 
     # -- backward -------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, d_out, d_lse, scale):
-        """``(dq, dk, dv)`` of this rank's shards; dK/dV accumulators travel with the K/V."""
-        plan, me = self.plan, self.rank
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        """``(dq, dk, dv)`` of this rank's shards from the merged forward ``out``/``lse``.
+
+        The K/V shards travel the ring again. Each tile's op gives its share of
+        the gradients from the merged ``out`` and ``lse`` without recomputing
+        its forward (``CompiledMask.backward``); the dK/dV share of another
+        rank's shard goes straight to that rank at the next step, posted with
+        the step's K/V before its compute, and the owner adds it to its own.
+        """
+        plan, me, p = self.plan, self.rank, self.plan.world_size
+        work = _work_dtype(q.dtype)
+        k, v = k.contiguous(), v.contiguous()  # sent as they are
+        transport, buffers = _Transport(plan, self.group, q.device), self._buffers((k, v))
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
-        held = (k, v)
-        grads = tuple(torch.zeros(x.shape, dtype=work, device=x.device) for x in (k, v))
-        grads_requests: list = []  # the accumulator of the shard held next, and the last one sent on
-        home_requests: list = []  # this rank's finished dK/dV coming back, or another's going home
-        home = None
-        for step, op in enumerate(self.tiles):
-            source = plan.source(me, step)
-            kv_requests, arriving = self._pass(step, held, (k, v), (_K, _V))
-            share = None if op is None else _tile_grads(op, q, *held, out, lse, d_out, d_lse, scale, work)
-            for request in grads_requests:
-                request.wait()
-            if share is not None:
-                dq += share[0]
-                grads[0].add_(share[1])
-                grads[1].add_(share[2])
-            grads_requests, next_grads = self._pass(step, grads, (k, v), (_DK, _DV), work)
-            # a finished accumulator goes home; sends and receives in one batch, since two ranks
-            # can be each other's last holder at the same step
-            sends, receives = [], []
-            if step == int(plan.last_hop[source]):
-                if source == me:
-                    home = grads
+        dk, dv = (torch.zeros(x.shape, dtype=work, device=x.device) for x in (k, v))
+        incoming = None  # a share of this rank's dK/dV arriving (at most one per step)
+        held, outgoing = (k, v), []
+        for step in range(plan.n_steps + 1):  # the step past the last only sends the last shares home
+            sends, receives, arriving = (self._kv_messages(step, held, (k, v), buffers) if step < plan.n_steps
+                                         else ([], [], None))
+            sends += outgoing
+            sharer = (me + step - 1) % p  # the rank that held this rank's K/V at step - 1
+            returning = step > 0 and plan.returns_share(sharer, step - 1)
+            if returning:
+                if incoming is None:
+                    incoming = (torch.empty_like(k), torch.empty_like(v))
+                receives += [(x, sharer, kind) for x, kind in zip(incoming, (_DK, _DV))]
+            requests = transport.post(step, sends, receives)
+            outgoing = []
+            op = self.tiles[step] if step < plan.n_steps else None
+            if op is not None:
+                share_q, share_k, share_v = op.backward(q, *held, out, lse, d_out, d_lse, scale=scale)
+                dq += share_q
+                if step == 0:
+                    dk += share_k
+                    dv += share_v
                 else:
-                    sends = [(x, source, kind, step) for x, kind in zip(grads, (_DK_HOME, _DV_HOME))]
-            if step > 0 and step == int(plan.last_hop[me]):
-                home = tuple(torch.empty(x.shape, dtype=work, device=x.device) for x in (k, v))
-                receives = [(x, plan.final_holder(me), kind, step) for x, kind in zip(home, (_DK_HOME, _DV_HOME))]
-            home_requests += self._post(sends, receives)
-            for request in kv_requests:
-                request.wait()
-            held, grads = arriving, next_grads
-        for request in grads_requests + home_requests:
-            request.wait()
-        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)
-
-
-def _tile_grads(op: CompiledMask, q, k, v, out, lse, d_out, d_lse, scale, work):
-    """``(dq, dk, dv)`` of one tile's share of the merged attention.
-
-    With the merge ``out = sum_t w_t out_t``, ``w_t = exp(lse_t - lse)``, the
-    tile's partial result receives ``d out_t = w_t d_out`` and
-    ``d lse_t = w_t (d_lse + rowsum(d_out * (out_t - out)))``; the tile op's own
-    backward turns those into its share of dq, dk, dv. The partial result is
-    recomputed here: its forward values were merged away.
-    """
-    with torch.enable_grad():
-        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        part, part_lse = op(*inputs, scale=scale, return_lse=True)
-        finite = torch.isfinite(part_lse)
-        weight = torch.where(finite, torch.exp(part_lse.to(work) - torch.where(finite, lse, part_lse).to(work)), 0.0)
-        d_out = d_out.to(work)
-        d_part_lse = weight * (d_lse.to(work) + (d_out * (part.to(work) - out.to(work))).sum(-1))
-        d_part = (weight[..., None] * d_out).to(part.dtype)
-        return torch.autograd.grad((part, part_lse), inputs, (d_part, d_part_lse.to(part_lse.dtype)))
+                    source = plan.source(me, step)
+                    outgoing = [(share_k.contiguous(), source, _DK), (share_v.contiguous(), source, _DV)]
+            transport.wait(requests)
+            if returning:
+                dk += incoming[0]
+                dv += incoming[1]
+            held = arriving
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: _Ring, scale: float):
         out, lse = ring.forward(q, k, v, scale)
+        # the merged out as returned: the work precision for float32/float64 inputs; fp16/bf16 ones, which
+        # the Triton backward reads in their own dtype, as single-device attention saves them
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale = ring, scale
         return out, lse
@@ -274,8 +353,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Shar
     nothing). Differentiable. ``group`` is the process group of the plan's
     ranks (default: the world). Every rank must call it with its own shards;
     if any rank's arguments do not match the plan, every rank raises
-    ``ValueError``. ``block_size`` is the tiles' ``maskc.compile`` block size;
-    each rank compiles its tiles once per plan.
+    ``ValueError`` (a plan built from other document lengths included). If a
+    rank never calls or dies, the others raise the backend's ``RuntimeError``
+    within the process group's timeout. ``block_size`` is the tiles'
+    ``maskc.compile`` block size; each rank compiles its tiles once per plan.
     """
     _check(q, k, v, plan, group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -300,8 +381,9 @@ def plan_report(spec: Spec, world_size: int, strategies: Optional[Sequence[str]]
     Per strategy: the work (allowed pairs) of every rank and the busiest/mean
     ratio, the tiles computed and skipped, and the bytes each rank sends in the
     forward pass (K and V, ``kv_heads x head_dim`` of ``dtype_bytes``) and the
-    backward pass (K, V and float32 dK/dV) against a ring that forwards every
-    shard ``P - 1`` times.
+    backward pass (K and V again, and the dK/dV shares it computed for other
+    ranks' shards, in the same dtype) against a plain ring that forwards every
+    shard ``P - 1`` times, with a float32 dK/dV accumulator in the backward.
     """
     strategies = list(STRATEGIES if not strategies else strategies)
     plans = [shard_plan(spec, world_size, s) for s in strategies]
@@ -309,7 +391,8 @@ def plan_report(spec: Spec, world_size: int, strategies: Optional[Sequence[str]]
     grads = 2 * kv_heads * head_dim * 4  # float32 dK and dV of one token
     p = world_size
     lines = [f"context-parallel plans: {spec.q_len} tokens over {p} ranks; bytes per token: K+V {kv}, "
-             f"dK+dV {grads} ({kv_heads} KV heads x {head_dim}, {dtype_bytes}-byte K/V)"]
+             f"dK+dV {kv} ({kv_heads} KV heads x {head_dim}, {dtype_bytes}-byte K/V; a plain ring's float32 "
+             f"dK+dV accumulator {grads})"]
     for plan in plans:
         run = sum(not t.empty for row in plan.tiles for t in row)
         lines += ["", f"{plan.strategy}: {plan.n_chunks} chunks ({plan.n_chunks // p} per rank), "
@@ -320,12 +403,11 @@ def plan_report(spec: Spec, world_size: int, strategies: Optional[Sequence[str]]
         mean = plan.work.mean() or 1
         for r in range(p):
             sent, plain = plan.sent_tokens(r), plan.plain_ring_tokens(r)
-            home = sum(int(plan.shard_lengths[s]) for s in plan.returned_by(r))
             plain_home = int(plan.shard_lengths[(r + 1) % p]) if p > 1 else 0  # the plain ring's last holder
             lines.append(
                 f"  {r:>4} {plan.shard_lengths[r]:>9} {plan.work[r]:>16} {plan.work[r] / mean:>6.3f} "
                 f"{sum(not t.empty for t in plan.tiles[r]):>5} {_bytes(sent * kv):>10} {_bytes(plain * kv):>10} "
-                f"{_bytes(sent * (kv + grads) + home * grads):>10} "
+                f"{_bytes((sent + plan.share_tokens(r)) * kv):>10} "
                 f"{_bytes(plain * (kv + grads) + plain_home * grads):>10}")
         busiest = max(plan.sent_tokens(r) for r in range(p))
         plain = max(plan.plain_ring_tokens(r) for r in range(p))
@@ -373,4 +455,4 @@ def _plot(plans: Sequence[ShardPlan], path) -> None:
     plt.close(fig)
 
 
-__all__ = ["STRATEGIES", "ShardPlan", "compiled_tiles", "plan_report", "ring_attention", "shard_plan"]
+__all__ = ["STRATEGIES", "Partials", "ShardPlan", "compiled_tiles", "plan_report", "ring_attention", "shard_plan"]

@@ -146,3 +146,22 @@ def test_report_and_picture(tmp_path):
 def test_bad_plans_raise_value_error_naming_the_argument(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_fingerprints_tell_specs_and_layouts_apart():
+    def plan(lengths, strategy="contiguous", mask=maskc.Causal()):
+        return shard_plan(maskc.Spec(q_len=1024, kv_len=1024, mask=maskc.Documents(lengths=lengths) & mask), 2,
+                          strategy)
+
+    one, again = plan([300, 500, 224]), plan([300, 500, 224])
+    assert one is not again and one.fingerprint == again.fingerprint  # stable: rebuilt, equal
+    desynced = plan([400, 400, 224])  # same shards, other documents
+    assert desynced.fingerprints["layout"] == one.fingerprints["layout"]
+    assert desynced.fingerprints["spec"] != one.fingerprints["spec"]
+    zigzag = plan([300, 500, 224], "zigzag")
+    assert zigzag.fingerprints["spec"] == one.fingerprints["spec"]
+    assert zigzag.fingerprints["layout"] != one.fingerprints["layout"]
+    # a Predicate has no text form: its allowed pairs per chunk pair stand in for it
+    every_other = plan([300, 500, 224], mask=maskc.Predicate(fn=lambda i, j: (i + j) % 2 == 0))
+    assert every_other.fingerprint == plan([300, 500, 224], mask=maskc.Predicate(fn=lambda i, j: (i + j) % 2 == 0)
+                                           ).fingerprint != one.fingerprint

@@ -23,16 +23,23 @@ Work is the exact number of allowed ``(query, key)`` pairs of every
 intervals of ``lower`` in time linear in the tokens: the mask is never
 materialised. A shard travels round the ring only as far as the last rank that
 needs it (``last_hop``): a document-causal mask needs few hops, a causal one
-all of them.
+all of them. In the backward pass the K/V shards travel again, and the dK/dV
+share of every tile with work goes straight to the shard's owner
+(``returns_share``); tiles without work send none.
+
+Every rank must hold the same plan; ``fingerprints`` (sha256 of the spec and
+of the layout) let ``maskc.distributed`` compare them across ranks.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 import numpy as np
 
+from ..errors import SpecError
 from ..ir import nodes as ir
 from ..ir.spec import Spec
 from ..partitioning import crop_spec, split_points
@@ -178,10 +185,22 @@ class ShardPlan:
         return torch.cat(list(shards), dim=dim).index_select(dim, torch.from_numpy(order).to(shards[0].device))
 
     @cached_property
-    def fingerprint(self) -> int:
-        """A 63-bit hash of the sharding, for checking that every rank holds the same plan."""
-        text = f"{self.strategy}/{self.world_size}/".encode() + self.starts.tobytes() + self.owner.tobytes()
-        return zlib.crc32(text) | (zlib.crc32(text[::-1]) << 31)
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 (hex) of the plan's two halves, equal on every rank that built the same plan:
+        ``spec`` (its canonical JSON; a spec holding a ``Predicate`` has none, and its allowed pairs
+        per chunk pair stand in for it) and ``layout`` (strategy, world size, chunks and owners)."""
+        try:
+            spec = json.dumps(self.spec.to_data(), sort_keys=True)
+        except SpecError:  # a Predicate's callable has no text form
+            spec = json.dumps({"q_len": self.spec.q_len, "pairs_per_chunk_pair": self.pair_work.tolist()})
+        layout = json.dumps({"strategy": self.strategy, "world_size": self.world_size,
+                             "starts": self.starts.tolist(), "owner": self.owner.tolist()})
+        return {name: hashlib.sha256(text.encode()).hexdigest() for name, text in (("spec", spec), ("layout", layout))}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the whole plan (spec, strategy, shard layout); computed once per plan."""
+        return hashlib.sha256("/".join(self.fingerprints.values()).encode()).hexdigest()
 
     # -- the work --------------------------------------------------------------
     @cached_property
@@ -238,13 +257,15 @@ class ShardPlan:
         """Whether ``rank`` receives a K/V shard from ``rank - 1`` during ``step`` (for ``step + 1``)."""
         return self.forwards((rank - 1) % self.world_size, step)
 
-    def final_holder(self, source: int) -> int:
-        """The rank that holds shard ``source`` last (it returns the shard's dK/dV to ``source``)."""
-        return (source + int(self.last_hop[source])) % self.world_size
+    def returns_share(self, rank: int, step: int) -> bool:
+        """Whether ``rank`` sends its dK/dV share of the tile of ``step`` to the K/V shard's owner
+        (in the backward pass, at ``step + 1``): the tile has work and the shard is another rank's."""
+        return 0 < step < self.n_steps and not self.tile(rank, step).empty
 
-    def returned_by(self, rank: int) -> list[int]:
-        """The shards whose finished dK/dV ``rank`` sends back to their owner."""
-        return [s for s in range(self.world_size) if self.last_hop[s] > 0 and self.final_holder(s) == rank]
+    def share_tokens(self, rank: int) -> int:
+        """dK/dV tokens ``rank`` sends to the shards' owners in the backward pass."""
+        return sum(int(self.shard_lengths[self.source(rank, t)]) for t in range(self.n_steps)
+                   if self.returns_share(rank, t))
 
     def sent_tokens(self, rank: int) -> int:
         """K/V tokens ``rank`` sends in the forward pass."""
