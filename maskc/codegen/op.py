@@ -25,6 +25,7 @@ building it copies tables to the device, which a traced graph cannot do.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -35,21 +36,26 @@ from .plan import structure_of
 from .reference import reference_backward, reference_forward
 
 
+@functools.cache
+def _launch():
+    """``launch.py``, imported on the first Triton call: importing it defines the kernels, which
+    reads ``TRITON_INTERPRET`` then (the CPU tests set it first)."""
+    from . import launch
+
+    return launch
+
+
 def _forward(tables, backend: str, key: str, q, k, v, scale: float):
     if backend == "triton":
-        from . import launch  # defines the kernels: after TRITON_INTERPRET is read, only when needed
-
-        return launch.forward(structure_of(key), tables[0], tables[1], q, k, v, scale)
+        return _launch().forward(structure_of(key), tables[0], tables[1], q, k, v, scale)
     return reference_forward(tables, key, q, k, v, scale)
 
 
 def _backward(tables, backend: str, key: str, q, k, v, out, lse, d_out, d_lse, scale: float):
     if backend == "triton":
-        from . import launch
-
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        return launch.backward(structure_of(key), tables[0], tables[1], q, k, v, out.to(q.dtype),
+        return _launch().backward(structure_of(key), tables[0], tables[1], q, k, v, out.to(q.dtype),
                                lse.to(torch.float32), d_out.to(q.dtype), d_lse, scale)
     return reference_backward(tables, key, q, k, v, out, lse, d_out, d_lse, scale)
 
@@ -134,9 +140,7 @@ def _backend(cm, q, k, v, backend: Optional[str]) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{backend=} must be one of {BACKENDS} or None")
     if backend == "triton" or (backend is None and q.is_cuda):
-        from .launch import check_triton_inputs
-
-        check_triton_inputs(cm.block_size, cm.q_len, cm.kv_len, q, k, v)
+        _launch().check_triton_inputs(cm.block_size, cm.q_len, cm.kv_len, q, k, v)
         return "triton"
     return "reference"
 
