@@ -248,6 +248,27 @@ def _query_lists(T, FULL_PTR: tl.constexpr, FULL_IDX: tl.constexpr, PART_PTR: tl
             _section(T, PART_PATTERN))
 
 
+@triton.jit
+def _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks,
+                N_MASK_HEADS: tl.constexpr, ARGS_WIDTH: tl.constexpr, SPANS: tl.constexpr, BQ: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """What a forward or dQ program starts from: its batch and head (``bh``, ``b``, ``h``), slot,
+    first row and rows, its key head's K/V, its slot's numbers and data for the predicate, its
+    rows' spans, and ``at``, its query block's entry in the forward block lists."""
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    slot, qb, start_m = _query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    kv_head = h // group
+    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    spans_at = slot.to(tl.int64) * q_len
+    span_lo, span_hi = _spans_of(_section(T, ROW_LO) + spans_at, _section(T, ROW_HI) + spans_at, offs_m, q_len,
+                                 SPANS)
+    return (bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, _section(T, MASK_ARGS) + slot * ARGS_WIDTH,
+            _section(T, MASK_DATA), span_lo, span_hi, slot * (n_q_blocks + 1) + qb)
+
+
 # -- forward ------------------------------------------------------------------------
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_desc, v_desc, b, kv_head, k_base,
@@ -299,30 +320,20 @@ def _attn_fwd(Q, K, V, K_desc, V_desc, Out, Lse, T, patterns,
               PRECISION: tl.constexpr, TMA: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    slot, qb, start_m = _query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
+    bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at = \
+        _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks,
+                    N_MASK_HEADS, ARGS_WIDTH, SPANS, BQ, BLOCK_M)
     if start_m >= q_len:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    kv_head = h // group
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    mask_args = _section(T, MASK_ARGS) + slot * ARGS_WIDTH
-    mask_data = _section(T, MASK_DATA)
-    spans_at = slot.to(tl.int64) * q_len
-    span_lo, span_hi = _spans_of(_section(T, ROW_LO) + spans_at, _section(T, ROW_HI) + spans_at, offs_m, q_len,
-                                 SPANS)
     full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
                                                                         FWD_PART_IDX, FWD_PART_PATTERN)
-    q = _load_tile(q_base, offs_m, q_len, stride_qm, stride_qd, HEAD_D, BLOCK_D, CUT)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
+                   stride_qd, HEAD_D, BLOCK_D, CUT)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     STEPS: tl.constexpr = BK // BLOCK_N  # kernel steps a listed key block
-    at = slot * (n_q_blocks + 1) + qb
     if not ONE_LOOP:
         lo, hi = _list_span(full_ptr, at)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, span_lo, span_hi, 0, 0, K_desc, V_desc, b, kv_head,
@@ -404,20 +415,11 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  PRECISION: tl.constexpr, TMA: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    slot, qb, start_m = _query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
+    bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at = \
+        _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks,
+                    N_MASK_HEADS, ARGS_WIDTH, SPANS, BQ, BLOCK_M)
     if start_m >= q_len:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    kv_head = h // group
-    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    mask_args = _section(T, MASK_ARGS) + slot * ARGS_WIDTH
-    mask_data = _section(T, MASK_DATA)
-    spans_at = slot.to(tl.int64) * q_len
-    span_lo, span_hi = _spans_of(_section(T, ROW_LO) + spans_at, _section(T, ROW_HI) + spans_at, offs_m, q_len,
-                                 SPANS)
     full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
                                                                         FWD_PART_IDX, FWD_PART_PATTERN)
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
@@ -430,7 +432,6 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     STEPS: tl.constexpr = BK // BLOCK_N  # kernel steps a listed key block
-    at = slot * (n_q_blocks + 1) + qb
     if not ONE_LOOP:
         lo, hi = _list_span(full_ptr, at)
         dq = _dq_tiles(dq, q, do, lse2, delta, offs_m, span_lo, span_hi, 0, 0, K_desc, V_desc, b, kv_head, k_base,
