@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
-from triton.runtime.errors import OutOfResources
 
 KERNELS = ("forward", "dq", "dkdv")
 
@@ -179,6 +178,8 @@ def config_for(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: 
         return chosen
     key = (kernel, torch.cuda.get_device_name(device), dtype, head_bucket(head_dim), bq, bk, short_rows)
     if key not in _tuned:
+        from triton.runtime.errors import OutOfResources  # importing triton reads TRITON_INTERPRET: not before a call
+
         candidates = dict.fromkeys([chosen] + [fit(c, bq, bk) for c in CANDIDATES[kernel]])
         timings = {}
         for config in candidates:
