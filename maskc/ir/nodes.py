@@ -20,6 +20,7 @@ could not decide (``Dense``, ``Predicate``) and by ``CompiledMask.dense()``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
@@ -67,8 +68,30 @@ def _kind_is_required(schema: dict) -> None:
     schema["required"] = ["kind", *[r for r in schema.get("required", []) if r != "kind"]]
 
 
-class Mask(BaseModel, metaclass=TranslatingMeta):
-    """Base of every node. Not instantiated directly."""
+class NodeMeta(TranslatingMeta):
+    """Metaclass of the nodes: fields given by position are passed on by name, in the
+    order of ``_positional_fields``. (Not an ``__init__``: pydantic would then call
+    the class for every nested node it validates.)"""
+
+    def __call__(cls, *fields: Any, **named: Any):
+        names = _positional_fields(cls)
+        if len(fields) > len(names):
+            raise TypeError(f"{cls.__name__}() takes at most {len(names)} positional fields "
+                            f"({', '.join(names) or 'none'}), got {len(fields)}")
+        for name, value in zip(names, fields):
+            if name in named:
+                raise TypeError(f"{cls.__name__}() got {name!r} both by position and by name")
+            named[name] = value
+        return super().__call__(**named)
+
+
+class Mask(BaseModel, metaclass=NodeMeta):
+    """Base of every node. Not instantiated directly.
+
+    A node takes its fields by name or by position, in the order of the
+    contract's table (``Prefix(4)``, ``SlidingWindow(255, 0)``,
+    ``Range((0, 4), (2, 8))``); ``kind`` only by name.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_kind_is_required)
 
@@ -536,8 +559,25 @@ NODE_TYPES: tuple[type[Mask], ...] = (
 #: ``kind`` tag -> node class.
 NODE_KINDS: dict[str, type[Mask]] = {t.model_fields["kind"].default: t for t in NODE_TYPES}
 
+
+
+def _positional_fields(node: type[Mask]) -> tuple[str, ...]:
+    """The fields a node takes by position, in order: all but ``kind``."""
+    return tuple(name for name in node.model_fields if name != "kind")
+
+
+def _init_signature(node: type[Mask]) -> inspect.Signature:
+    """``node``'s signature as ``NodeMeta`` reads it: fields by position or name, ``kind`` by name."""
+    fields = inspect.signature(node).parameters
+    return inspect.Signature(
+        [fields[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in _positional_fields(node)]
+        + [fields["kind"].replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+    )
+
+
 for _node in NODE_TYPES:
     _node.model_rebuild()
+    _node.__signature__ = _init_signature(_node)
 
 
 def walk(mask: Mask):
