@@ -59,3 +59,45 @@ def test_too_many_or_repeated_positional_fields_are_a_type_error(build, words):
 def test_signatures_show_the_positional_order():
     assert list(inspect.signature(maskc.SlidingWindow).parameters) == ["left", "right", "align", "kind"]
     assert inspect.signature(maskc.Documents).parameters["kind"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+# -- integers are integers; lengths stop where maskc can index -----------------------------------------------
+
+WRONG_TYPES = [  # (the user's exact text, the path, words of the message)
+    ("q_len: 4\nkv_len: 4\nmask: {kind: prefix, length: true}", "mask.length", "must be an integer, got True (bool)"),
+    ("q_len: '12'\nkv_len: 12\nmask: {kind: causal}", "q_len", "must be an integer, got '12' (str)"),
+    ("q_len: 12\nkv_len: 12.0\nmask: {kind: causal}", "kv_len", "must be an integer, got 12.0 (float)"),
+    ("q_len: 8\nkv_len: 8\nmask: {kind: documents, lengths: [4, '4']}", "mask.lengths[1]", "got '4' (str)"),
+    ("q_len: 8\nkv_len: 8\nmask: {kind: range, q: [0, false], kv: [0, 1]}", "mask.q[1]", "got False (bool)"),
+    ("q_len: 8\nkv_len: 8\nmask: {kind: causal, offset: .nan}", "mask.offset", "got nan (float)"),
+    ("q_len: 8\nkv_len: 8\nmask: {kind: sliding_window, left: 1e3}", "mask.left", "got '1e3' (str)"),  # YAML 1.1: a string
+    ("q_len: 99999999999999999999\nkv_len: 12\nmask: {kind: causal}", "q_len",
+     "q_len + kv_len = 100000000000000000011 must be below MAX_POSITIONS = 2**30 = 1073741824"),
+    ("q_len: 16\nkv_len: 1073741808\nmask: {kind: causal}", "kv_len", "must be below MAX_POSITIONS = 2**30"),
+]
+
+
+@pytest.mark.parametrize("text, path, words", WRONG_TYPES)
+def test_values_of_the_wrong_type_or_size_are_spec_errors(text, path, words):
+    with pytest.raises(maskc.SpecError) as caught:
+        maskc.loads(text)
+    assert caught.value.path == path
+    assert words in str(caught.value)
+
+
+def test_the_largest_lengths_load_and_one_more_is_refused():
+    maskc.Spec(q_len=16, kv_len=maskc.ir.MAX_POSITIONS - 17, mask=maskc.Causal())
+    with pytest.raises(maskc.SpecError, match="kv_len: q_len \\+ kv_len"):
+        maskc.Spec(q_len=16, kv_len=maskc.ir.MAX_POSITIONS - 16, mask=maskc.Causal())
+
+
+def test_numpy_and_torch_integers_are_integers():
+    import torch
+
+    spec = maskc.Spec(q_len=np.int64(12), kv_len=torch.tensor(12),
+                      mask=maskc.Documents(lengths=np.array([5, 4, 3], dtype=np.int32)) & maskc.Prefix(np.uint8(2)))
+    assert spec == maskc.Spec(q_len=12, kv_len=12, mask=maskc.Documents([5, 4, 3]) & maskc.Prefix(2))
+    assert type(spec.q_len) is int and type(spec.mask.of[0].lengths[0]) is int
+    for not_an_integer in (True, np.bool_(False), 2.0, "2", torch.tensor(2.0)):
+        with pytest.raises(maskc.SpecError, match="Prefix.length: must be an integer"):
+            maskc.Prefix(not_an_integer)

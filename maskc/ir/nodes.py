@@ -21,18 +21,20 @@ could not decide (``Dense``, ``Predicate``) and by ``CompiledMask.dense()``.
 from __future__ import annotations
 
 import inspect
+import operator
+import reprlib
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
+from annotated_types import Ge, Gt
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeInt,
     PlainSerializer,
     PlainValidator,
-    PositiveInt,
     WithJsonSchema,
     model_validator,
 )
@@ -40,6 +42,10 @@ from pydantic import (
 from ..errors import SpecError, TranslatingMeta
 
 Align = Literal["top_left", "bottom_right"]
+
+#: The most positions a spec may hold, ``q_len + kv_len < MAX_POSITIONS``: the
+#: generated kernels index positions and their sums with int32 arithmetic.
+MAX_POSITIONS = 1 << 30
 
 #: Numbers of a node (offsets, window bounds, sizes, lengths, range ends) are
 #: clamped to ``[-INDEX_LIMIT, INDEX_LIMIT]`` when the node is built: far past
@@ -53,9 +59,25 @@ def clamped(value: int) -> int:
     return max(-INDEX_LIMIT, min(INDEX_LIMIT, value))
 
 
-Offset = Annotated[int, AfterValidator(clamped)]
-Size = Annotated[PositiveInt, AfterValidator(clamped)]
-Count = Annotated[NonNegativeInt, AfterValidator(clamped)]
+def integer(value: Any) -> int:
+    """The value of an integer field: an ``int`` or an integer of numpy or torch
+    (anything with ``__index__``). Booleans are not integers (``length: true`` is
+    refused, not read as 1), and neither are strings or floats (``'12'``, ``12.0``)."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"must be an integer, got {reprlib.repr(value)} ({type(value).__name__})")
+
+
+# (the bounds go inside, on ``int``, so that the JSON Schema states them)
+Integer = Annotated[int, BeforeValidator(integer)]
+Positive = Annotated[int, Gt(0), BeforeValidator(integer)]
+NonNegative = Annotated[int, Ge(0), BeforeValidator(integer)]
+Offset = Annotated[Integer, AfterValidator(clamped)]
+Size = Annotated[Positive, AfterValidator(clamped)]
+Count = Annotated[NonNegative, AfterValidator(clamped)]
 
 
 #: Largest number of elements a ``Dense`` node (or ``CompiledMask.dense()``)
@@ -324,11 +346,11 @@ class Documents(Mask):
     """
 
     kind: Literal["documents"] = "documents"
-    lengths: tuple[NonNegativeInt, ...]
-    kv_lengths: Optional[tuple[NonNegativeInt, ...]] = None
+    lengths: tuple[NonNegative, ...]
+    kv_lengths: Optional[tuple[NonNegative, ...]] = None
     inner: "MaskNode" = Field(default_factory=Full)
-    q_start: NonNegativeInt = 0
-    kv_start: NonNegativeInt = 0
+    q_start: NonNegative = 0
+    kv_start: NonNegative = 0
 
     @model_validator(mode="after")
     def _same_count(self):

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, PositiveInt, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 
 from ..errors import SpecError, TranslatingMeta, from_pydantic
-from .nodes import Mask, MaskNode, Predicate, walk
+from .nodes import MAX_POSITIONS, Mask, MaskNode, Positive, Predicate, walk
 
 
 def _one_or_per_head(value: Any) -> str:
@@ -21,13 +21,13 @@ class Spec(BaseModel, metaclass=TranslatingMeta):
     """What may attend to what, for ``q_len`` queries and ``kv_len`` keys.
 
     ``mask`` is one expression shared by every head, or a list with one
-    expression per query head.
+    expression per query head. ``q_len + kv_len`` must be below 2**30 (``MAX_POSITIONS``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    q_len: PositiveInt
-    kv_len: PositiveInt
+    q_len: Positive
+    kv_len: Positive
     mask: Annotated[
         Union[Annotated[MaskNode, Tag("shared")], Annotated[tuple[MaskNode, ...], Tag("per_head")]],
         Discriminator(_one_or_per_head),
@@ -36,6 +36,10 @@ class Spec(BaseModel, metaclass=TranslatingMeta):
     _path_is_root = True
 
     def model_post_init(self, _context: Any) -> None:
+        if self.q_len + self.kv_len >= MAX_POSITIONS:
+            field = "q_len" if self.q_len >= self.kv_len else "kv_len"
+            raise SpecError(field, f"q_len + kv_len = {self.q_len + self.kv_len} must be below "
+                                   f"MAX_POSITIONS = 2**30 = {MAX_POSITIONS}, the positions maskc can index")
         if isinstance(self.mask, tuple) and not self.mask:
             raise SpecError("mask", "a per-head mask list needs at least one head")
         for path, head in self.named_heads():
