@@ -70,7 +70,7 @@ WRONG_TYPES = [  # (the user's exact text, the path, words of the message)
     ("q_len: 8\nkv_len: 8\nmask: {kind: documents, lengths: [4, '4']}", "mask.lengths[1]", "got '4' (str)"),
     ("q_len: 8\nkv_len: 8\nmask: {kind: range, q: [0, false], kv: [0, 1]}", "mask.q[1]", "got False (bool)"),
     ("q_len: 8\nkv_len: 8\nmask: {kind: causal, offset: .nan}", "mask.offset", "got nan (float)"),
-    ("q_len: 8\nkv_len: 8\nmask: {kind: sliding_window, left: 1e3}", "mask.left", "got '1e3' (str)"),  # YAML 1.1: a string
+    ("q_len: 8\nkv_len: 8\nmask: {kind: sliding_window, left: 1e3}", "mask.left", "got '1e3' (str)"),  # YAML 1.1
     ("q_len: 99999999999999999999\nkv_len: 12\nmask: {kind: causal}", "q_len",
      "q_len + kv_len = 100000000000000000011 must be below MAX_POSITIONS = 2**30 = 1073741824"),
     ("q_len: 16\nkv_len: 1073741808\nmask: {kind: causal}", "kv_len", "must be below MAX_POSITIONS = 2**30"),
@@ -101,3 +101,36 @@ def test_numpy_and_torch_integers_are_integers():
     for not_an_integer in (True, np.bool_(False), 2.0, "2", torch.tensor(2.0)):
         with pytest.raises(maskc.SpecError, match="Prefix.length: must be an integer"):
             maskc.Prefix(not_an_integer)
+
+
+# -- a misspelt field is named, with the field meant --------------------------------------------------------
+
+MISSPELT = [  # (the user's exact text, the path, the message)
+    ("q_len: 12\nkvlen: 12\nmask: {kind: causal}", "kvlen",
+     "unknown field 'kvlen': did you mean 'kv_len'? (fields: q_len, kv_len, mask)"),
+    ("q_len: 12\nkv_len: 12\nmask: {kind: prefix, lenght: 3}", "mask.lenght",
+     "unknown field 'lenght': did you mean 'length'? (fields: kind, length)"),
+    ("q_len: 12\nkv_len: 12\nmask: [{kind: causal}, {kind: and, of: [{kind: documents, lenghts: [12]}]}]",
+     "mask[1].of[0].lenghts", "unknown field 'lenghts': did you mean 'lengths'?"),
+    ("q_len: 12\nkv_len: 12\nmask: {kind: causal, window: 3}", "mask.window",
+     "unknown field 'window' (fields: kind, offset, align)"),
+    ("q_len: 12\nkv_len: 12\nmask: {knd: causal}", "mask.knd",
+     "a mask node needs a 'kind' field: did you mean 'kind' instead of 'knd'?"),
+    ("q_len: 12\nkv_len: 12\nmask: {kind: slidingwindow, left: 3}", "mask.kind",
+     "unknown kind 'slidingwindow': did you mean 'sliding_window'? (kinds: and, causal,"),
+]
+
+
+@pytest.mark.parametrize("text, path, message", MISSPELT)
+def test_a_misspelt_field_is_named_with_the_one_meant(text, path, message):
+    with pytest.raises(maskc.SpecError) as caught:
+        maskc.loads(text)
+    assert caught.value.path == path
+    assert caught.value.reason.startswith(message)
+
+
+def test_a_misspelt_keyword_is_named_in_python_too():
+    with pytest.raises(maskc.SpecError, match="Prefix.lenght: unknown field 'lenght': did you mean 'length'"):
+        maskc.Prefix(lenght=3)
+    with pytest.raises(maskc.SpecError, match="^kvlen: unknown field 'kvlen': did you mean 'kv_len'"):
+        maskc.Spec(q_len=12, kvlen=12, mask=maskc.Causal())

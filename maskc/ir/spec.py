@@ -108,7 +108,7 @@ def loads(text: str) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as error:
-        raise from_pydantic(error) from None
+        raise from_pydantic(error, Spec) from None
 
 
 def load(path: str | Path) -> Spec:
