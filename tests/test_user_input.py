@@ -134,3 +134,24 @@ def test_a_misspelt_keyword_is_named_in_python_too():
         maskc.Prefix(lenght=3)
     with pytest.raises(maskc.SpecError, match="^kvlen: unknown field 'kvlen': did you mean 'kv_len'"):
         maskc.Spec(q_len=12, kvlen=12, mask=maskc.Causal())
+
+
+# -- a predicate returns booleans ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn, dtype", [
+    (lambda i, j: i - j, "torch.int64"),  # the user's exact input
+    (lambda i, j: (i - j).float(), "torch.float32"),
+    (lambda i, j: (i - j).numpy(), "int64"),
+    (lambda i, j: 1, "int64"),
+])
+def test_a_predicate_returning_numbers_is_refused_with_its_dtype(fn, dtype):
+    spec = maskc.Spec(q_len=8, kv_len=8, mask=maskc.Predicate(fn))
+    with pytest.raises(TypeError, match=f"must return booleans, got dtype {dtype}"):
+        maskc.compile(spec, block_size=4)
+
+
+def test_a_predicate_returning_booleans_of_any_kind_is_read():
+    for fn in (lambda i, j: i >= j, lambda i, j: (i >= j).numpy(), lambda i, j: True):
+        cm = maskc.compile(maskc.Spec(q_len=8, kv_len=8, mask=maskc.Causal() & maskc.Predicate(fn)), block_size=4)
+        assert cm.allowed_pairs() == 36

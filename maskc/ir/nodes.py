@@ -495,7 +495,9 @@ def _reject_serialising(_fn):
 
 
 class Predicate(Mask):
-    """``fn(i, j)`` for a Python callable on broadcast ``int64`` torch tensors.
+    """``fn(i, j)`` for a Python callable on broadcast ``int64`` torch tensors
+    that returns booleans (an integer result such as ``i - j`` is refused, not
+    read as truthy).
 
     Python only, never serialised. The compiler calls it a tile at a time, on
     tiles that the rest of the expression leaves undecided, with the scope's
@@ -521,8 +523,11 @@ class Predicate(Mask):
 
         i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
         out = self.fn(torch.from_numpy(i), torch.from_numpy(j))
-        out = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
-        return np.broadcast_to(out.astype(bool), np.broadcast_shapes(i.shape, j.shape))
+        values = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+        if values.dtype != bool:
+            raise TypeError(f"a Predicate's fn must return booleans, got dtype {getattr(out, 'dtype', values.dtype)}: "
+                            "compare instead (i - j >= 0, not i - j)")
+        return np.broadcast_to(values, np.broadcast_shapes(i.shape, j.shape))
 
 
 class And(Mask):
