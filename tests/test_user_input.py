@@ -155,3 +155,24 @@ def test_a_predicate_returning_booleans_of_any_kind_is_read():
     for fn in (lambda i, j: i >= j, lambda i, j: (i >= j).numpy(), lambda i, j: True):
         cm = maskc.compile(maskc.Spec(q_len=8, kv_len=8, mask=maskc.Causal() & maskc.Predicate(fn)), block_size=4)
         assert cm.allowed_pairs() == 36
+
+
+# -- compile takes a spec file's path ----------------------------------------------------------------------------
+
+
+def test_compile_reads_a_spec_file_given_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = maskc.Spec(q_len=12, kv_len=12, mask=maskc.Documents([5, 4, 3]) & maskc.Causal())
+    (tmp_path / "spec.yaml").write_text(spec.dumps())
+    for source in ("spec.yaml", tmp_path / "spec.yaml", str(tmp_path / "spec.yaml")):
+        assert maskc.compile(source).spec == spec
+    assert maskc.compile(spec.dumps("json")).spec == spec  # text is still text
+
+
+def test_compile_of_a_missing_file_says_to_use_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(maskc.SpecError, match="got the string 'spec.yaml'; to read a spec file, pass its path "
+                                             "to maskc.load"):
+        maskc.compile("spec.yaml")
+    with pytest.raises(maskc.SpecError, match="cannot read .*missing.yaml"):
+        maskc.compile(tmp_path / "missing.yaml")

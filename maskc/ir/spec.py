@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -103,6 +105,9 @@ def loads(text: str) -> Spec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise SpecError("", f"malformed YAML{where}: {problem}") from None
+    if isinstance(data, str):
+        raise SpecError("", f"a spec must be a mapping with q_len, kv_len and mask, got the string "
+                            f"{reprlib.repr(data)}; to read a spec file, pass its path to maskc.load")
     if not isinstance(data, dict):
         raise SpecError("", f"a spec must be a mapping with q_len, kv_len and mask, got {type(data).__name__}")
     try:
@@ -119,6 +124,14 @@ def load(path: str | Path) -> Spec:
     except OSError as error:
         raise SpecError("", f"cannot read {str(path)!r}: {error.strerror}") from None
     return loads(text)
+
+
+def read_spec(source: str | Path) -> Spec:
+    """A spec from a path or text: a ``Path``, or a ``str`` naming an existing file,
+    is read as a spec file (``load``); any other ``str`` is YAML or JSON text (``loads``)."""
+    if isinstance(source, Path) or os.path.isfile(source):
+        return load(source)
+    return loads(source)
 
 
 def json_schema() -> dict:
