@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Iterable
 
 from pydantic import BaseModel, ValidationError
@@ -62,7 +63,7 @@ def unknown(what: str, name, known: Iterable[str]) -> str:
     known = list(known)
     close = closest(name, known)
     guess = f": did you mean {close!r}?" if close else ""
-    return f"unknown {what} {name!r}{guess} ({what}s: {', '.join(known)})"
+    return f"unknown {what} {reprlib.repr(name)}{guess} ({what}s: {', '.join(known)})"
 
 
 def from_pydantic(error, model: type[BaseModel], prefix: Iterable[str | int] = ()) -> SpecError:
@@ -83,7 +84,7 @@ def from_pydantic(error, model: type[BaseModel], prefix: Iterable[str | int] = (
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, SpecError):  # raised by a scope check with its own full path
         return SpecError(join_path(*prefix, cause.path), cause.reason)
-    key = first["loc"][-1] if first["type"] == "extra_forbidden" else None
+    key = first["loc"][-1] if first["type"] in ("extra_forbidden", "invalid_key") else None
     loc = []
     for item in first["loc"][:-1] if key is not None else first["loc"]:
         if isinstance(item, str) and item in NODE_KINDS and loc and loc[-1] != "kind":
@@ -102,7 +103,13 @@ def from_pydantic(error, model: type[BaseModel], prefix: Iterable[str | int] = (
         if misspelt:
             message += f": did you mean 'kind' instead of {misspelt[0]!r}?"
             loc.append(str(misspelt[0]))
+    elif first["type"] == "invalid_key":
+        message = f"a field name must be text, got {key!r} ({type(key).__name__})"
+        loc.append(str(key))
     elif key is not None:
         message = unknown("field", key, model.model_fields)
         loc.append(str(key))
+    elif first["type"] == "string_unicode" and (not first["loc"] or first["loc"][-1] in NODE_KINDS):
+        message = "a field name must be Unicode text"  # a key such as "\ud800", which YAML escapes allow
+        loc.append(ascii(first["input"]))
     return SpecError(join_path(*prefix, *loc), message)

@@ -4,11 +4,18 @@ a user's exact input, and a fuzz test throws random spec text at ``maskc.loads``
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 import maskc
+from maskc.ir.nodes import NODE_KINDS
+from maskc.ir.spec import MAX_NESTING
+from strategies import specs
 
 # -- nodes take their fields by position, in the contract's order ------------------------------------------
 
@@ -129,6 +136,21 @@ def test_a_misspelt_field_is_named_with_the_one_meant(text, path, message):
     assert caught.value.reason.startswith(message)
 
 
+@pytest.mark.parametrize("text, path, message", [
+    ("q_len: 4\nkv_len: 4\nmask: {kind: full}\n0: 1", "0", "a field name must be text, got 0 (int)"),
+    ('{"q_len": 4, "kv_len": 4, "mask": {"kind": "full"}, "\\ud800": 1}', "'\\ud800'",
+     "a field name must be Unicode text"),
+    ('{"q_len": 1e3, "kv_len": 4, "mask": {"kind": "full"}}', "q_len", "must be an integer, got 1000.0 (float)"),
+    ('{"q_len": 4, "kv_len": 4, "mask": {"kind": "full", "\\ud83d\\ude00": 1}}', "mask.\U0001f600",
+     "unknown field '\U0001f600' (fields: kind)"),
+])
+def test_keys_and_numbers_of_json_are_read_as_json(text, path, message):
+    with pytest.raises(maskc.SpecError) as caught:
+        maskc.loads(text)
+    assert caught.value.path == path
+    assert caught.value.reason == message
+
+
 def test_a_misspelt_keyword_is_named_in_python_too():
     with pytest.raises(maskc.SpecError, match="Prefix.lenght: unknown field 'lenght': did you mean 'length'"):
         maskc.Prefix(lenght=3)
@@ -176,3 +198,101 @@ def test_compile_of_a_missing_file_says_to_use_load(tmp_path, monkeypatch):
         maskc.compile("spec.yaml")
     with pytest.raises(maskc.SpecError, match="cannot read .*missing.yaml"):
         maskc.compile(tmp_path / "missing.yaml")
+
+
+# -- nesting -------------------------------------------------------------------------------------------------------
+
+
+def nested_nots(levels: int) -> str:
+    """A spec whose mask is ``levels - 1`` nested ``not`` nodes (the top mapping is level 1)."""
+    return "q_len: 4\nkv_len: 4\nmask: " + "{kind: not, of: " * (levels - 2) + "{kind: causal}" + "}" * (levels - 2)
+
+
+def test_specs_nest_up_to_max_nesting_levels():
+    assert maskc.compile(maskc.loads(nested_nots(MAX_NESTING))).allowed_pairs() == 10
+    with pytest.raises(maskc.SpecError, match=f"nested more than MAX_NESTING = {MAX_NESTING} levels") as caught:
+        maskc.loads(nested_nots(MAX_NESTING + 1))
+    assert caught.value.path == "mask" + ".of" * (MAX_NESTING - 1)  # the mapping at level MAX_NESTING + 1
+
+
+def test_text_nested_past_what_the_yaml_reader_follows_is_a_spec_error():
+    with pytest.raises(maskc.SpecError, match="nests deeper than the JSON and YAML readers can follow"):
+        maskc.loads("q_len: " + "[" * 5_000 + "]" * 5_000)
+
+
+# -- fuzz: random spec text is a Spec or a SpecError with a path, never another exception ---------------------
+
+FIELDS = sorted({"q_len", "kv_len", "mask"} | {name for node in NODE_KINDS.values() for name in node.model_fields})
+NUMBERS = (st.integers(-3, 20) | st.sampled_from([2**30 - 1, 2**30, 2**63, 10**20, -(10**20)])
+           | st.integers(-(2**70), 2**70))
+SCALARS = (NUMBERS | st.booleans() | st.none() | st.floats() | st.sampled_from(sorted(NODE_KINDS))
+           | st.sampled_from(["top_left", "bottom_right", "12", "1e3", "true"]) | st.text(max_size=6))
+KEYS = (st.sampled_from(FIELDS) | st.sampled_from(FIELDS).map(lambda name: name.replace("_", ""))
+        | st.sampled_from(FIELDS).map(lambda name: name[:-1]) | st.text(max_size=6) | st.integers(0, 3))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
+                      max_leaves=12)
+
+
+def places(data, path=()):
+    """``(container, key)`` of every value inside ``data``, parents first."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in list(items):
+        yield data, key
+        yield from places(value, (*path, key))
+
+
+def nested(value, levels: int, wrap: str):
+    for _ in range(levels):
+        value = {"not": {"kind": "not", "of": value}, "and": {"kind": "and", "of": [value]}, "list": [value],
+                 "documents": {"kind": "documents", "lengths": [4], "inner": value}}[wrap]
+    return value
+
+
+@st.composite
+def spec_data(draw):
+    """The data of a valid spec (``strategies.specs``) with 0 to 3 mutations: a value replaced by
+    one of any type or size, a key misspelt or dropped or added, a value nested around
+    ``MAX_NESTING`` levels deep; or any data at all."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(VALUES)
+    data = draw(specs(max_len=40, predicates=False, huge=True)).to_data()
+    for _ in range(draw(st.integers(0, 3))):
+        container, key = draw(st.sampled_from(list(places(data))))
+        change = draw(st.sampled_from(["value", "misspell", "drop", "add", "nest"]))
+        if change == "value":
+            container[key] = draw(SCALARS | VALUES)
+        elif change == "nest":
+            container[key] = nested(container[key], draw(st.integers(MAX_NESTING - 5, MAX_NESTING + 5)),
+                                    draw(st.sampled_from(["not", "and", "list", "documents"])))
+        elif isinstance(container, dict) and change in ("misspell", "drop"):
+            value = container.pop(key)
+            if change == "misspell":
+                container[draw(KEYS)] = value
+        elif isinstance(container, dict):
+            container[draw(KEYS)] = draw(SCALARS | VALUES)
+    return data
+
+
+def loads_or_spec_error(text: str, data):
+    """``maskc.loads(text)``; a ``SpecError`` must start its path at a key of the text (or a missing field)."""
+    try:
+        return maskc.loads(text)
+    except maskc.SpecError as error:
+        if isinstance(data, dict):
+            roots = {str(key) for key in data} | {"q_len", "kv_len", "mask"}
+            assert any(error.path == root or error.path.startswith((f"{root}.", f"{root}[")) for root in roots), error
+        return None
+
+
+@given(spec_data(), st.sampled_from(["yaml", "json"]))
+def test_random_spec_data_loads_or_raises_a_spec_error_with_a_path(data, form):
+    text = yaml.safe_dump(data) if form == "yaml" else json.dumps(data)
+    spec = loads_or_spec_error(text, data)
+    if spec is not None:
+        assert maskc.loads(spec.dumps()) == spec
+        maskc.compile(spec, block_size=8)
+
+
+@given(st.text(max_size=60))
+def test_random_text_loads_or_raises_a_spec_error(text):
+    loads_or_spec_error(text, None)
