@@ -51,17 +51,17 @@ class TranslatingMeta(type(BaseModel)):
             raise from_pydantic(error, cls, prefix) from None
 
 
-def closest(name, known: Iterable[str]) -> str | None:
+def _closest(name, known: Iterable[str]) -> str | None:
     """The known name that ``name`` is most likely a misspelling of, if any is close."""
     close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.75)
     return close[0] if close else None
 
 
-def unknown(what: str, name, known: Iterable[str]) -> str:
+def _unknown(what: str, name, known: Iterable[str]) -> str:
     """``unknown field 'kvlen': did you mean 'kv_len'? (fields: q_len, kv_len, mask)``;
     the guess is left out when no known name is close."""
     known = list(known)
-    close = closest(name, known)
+    close = _closest(name, known)
     guess = f": did you mean {close!r}?" if close else ""
     return f"unknown {what} {reprlib.repr(name)}{guess} ({what}s: {', '.join(known)})"
 
@@ -95,11 +95,11 @@ def from_pydantic(error, model: type[BaseModel], prefix: Iterable[str | int] = (
         loc.append(item)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "union_tag_invalid":
-        message = unknown("kind", first["input"].get("kind"), sorted(NODE_KINDS))
+        message = _unknown("kind", first["input"].get("kind"), sorted(NODE_KINDS))
         loc.append("kind")
     elif first["type"] == "union_tag_not_found":
         message = "a mask node needs a 'kind' field"
-        misspelt = [name for name in first["input"] if closest(name, ["kind"])]
+        misspelt = [name for name in first["input"] if _closest(name, ["kind"])]
         if misspelt:
             message += f": did you mean 'kind' instead of {misspelt[0]!r}?"
             loc.append(str(misspelt[0]))
@@ -107,7 +107,7 @@ def from_pydantic(error, model: type[BaseModel], prefix: Iterable[str | int] = (
         message = f"a field name must be text, got {key!r} ({type(key).__name__})"
         loc.append(str(key))
     elif key is not None:
-        message = unknown("field", key, model.model_fields)
+        message = _unknown("field", key, model.model_fields)
         loc.append(str(key))
     elif first["type"] == "string_unicode" and (not first["loc"] or first["loc"][-1] in NODE_KINDS):
         message = "a field name must be Unicode text"  # a key such as "\ud800", which YAML escapes allow

@@ -43,8 +43,8 @@ def test_nodes_take_their_fields_by_position_in_the_contracts_order(written, mea
 
 
 def test_a_predicate_takes_its_function_by_position():
-    fn = lambda i, j: (i + j) % 2 == 0  # noqa: E731 - the user's exact input
-    assert maskc.Predicate(fn) == maskc.Predicate(fn=fn)
+    node = maskc.Predicate(lambda i, j: (i + j) % 2 == 0)
+    assert node == maskc.Predicate(fn=node.fn)
 
 
 def test_positional_nodes_write_the_same_yaml():

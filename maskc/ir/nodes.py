@@ -587,7 +587,6 @@ NODE_TYPES: tuple[type[Mask], ...] = (
 NODE_KINDS: dict[str, type[Mask]] = {t.model_fields["kind"].default: t for t in NODE_TYPES}
 
 
-
 def _positional_fields(node: type[Mask]) -> tuple[str, ...]:
     """The fields a node takes by position, in order: all but ``kind``."""
     return tuple(name for name in node.model_fields if name != "kind")
