@@ -2,7 +2,7 @@
 
 Describe *what* may attend to *what* as an expression (``maskc.ir``), compile it
 (``maskc.compile``) into a block map, empty rows and columns, block-sparse index
-tables and an attention op. See README.md and DESIGN.md.
+tables and an attention op. See README.md and docs/contract.md.
 """
 
 from .compiler import EMPTY, FULL, PARTIAL, CompiledMask, TileKind, compile

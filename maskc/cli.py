@@ -3,11 +3,12 @@
     maskc demo                                   the embedded example, end to end
     maskc show SPEC [--block-size B] [--png P]   block map, statistics, empty rows/cols
     maskc partition SPEC --q-splits P --kv-splits P
-    maskc plan SPEC --world-size P [--strategy S] [--png P]
+    maskc plan SPEC --world-size P [--strategy S] [--kv-heads H] [--head-dim D] [--dtype T] [--png P]
     maskc schema                                 JSON Schema of spec files
 
 ``SPEC`` is a path, or ``-`` for standard input. Errors print one line and exit
-with status 2 (a bad spec or argument) or 1 (anything else that went wrong).
+with status 2 (a bad spec or argument, saying what is allowed) or 1 (anything
+else that went wrong).
 """
 
 from __future__ import annotations
@@ -33,13 +34,39 @@ mask:
 """
 
 
+#: Bytes of one K/V element, by the names ``plan --dtype`` takes.
+KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors print one line, saying what is allowed, and exit with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(least: int):
+    """An argparse type: an integer >= ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _block_size(text: str):
     try:
         parts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"block size {text!r} must be N or Q,KV") from None
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"block size {text!r} must be N or Q,KV")
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"must be N or Q,KV with integers >= 1, got {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
@@ -61,6 +88,9 @@ def _show(args) -> None:
     from .compiler import compile
 
     cm = compile(_read_spec(args.spec), block_size=args.block_size)
+    if args.head is not None and args.head >= cm.n_heads:
+        allowed = f"0 to {cm.n_heads - 1} (one mask per head)" if cm.n_heads > 1 else "0 (one mask for every head)"
+        args.parser.error(f"argument --head: {args.head} is not a mask head of this spec; allowed: {allowed}")
     heads = range(cm.n_heads) if args.head is None else [args.head]
     for head in heads:
         cm.show(head=head, max_width=args.width)
@@ -85,7 +115,8 @@ def _partition(args) -> None:
 def _plan(args) -> None:
     from .distributed import plan_report
 
-    print(plan_report(_read_spec(args.spec), args.world_size, args.strategy, png=args.png))
+    print(plan_report(_read_spec(args.spec), args.world_size, args.strategy, png=args.png, kv_heads=args.kv_heads,
+                      head_dim=args.head_dim, dtype_bytes=KV_DTYPE_BYTES[args.dtype]))
 
 
 def _schema(args) -> None:
@@ -130,34 +161,41 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskc", description="A mask compiler for attention.")
+    parser = _Parser(prog="maskc", description="A mask compiler for attention.")
     parser.add_argument("--version", action="version", version=f"maskc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    spec_help = "YAML/JSON spec file, or - for stdin"
+    block_help = "tile size: N or Q,KV (default 128)"
+    width_help = "widest text picture, in characters (default 96)"
 
     demo = sub.add_parser("demo", help="run the embedded example end to end")
     demo.set_defaults(run=_demo)
 
     show = sub.add_parser("show", help="print the block map of a spec")
-    show.add_argument("spec", help="YAML/JSON spec file, or - for stdin")
-    show.add_argument("--block-size", type=_block_size, default=128, help="N or Q,KV (default 128)")
+    show.add_argument("spec", help=spec_help)
+    show.add_argument("--block-size", type=_block_size, default=128, help=block_help)
     show.add_argument("--png", help="also write a PNG picture of the block map here")
-    show.add_argument("--head", type=int, help="only this head of a per-head mask")
-    show.add_argument("--width", type=int, default=96, help="widest text picture, in characters")
-    show.set_defaults(run=_show)
+    show.add_argument("--head", type=_at_least(0), help="only this head of a per-head mask (0, 1, ...)")
+    show.add_argument("--width", type=_at_least(1), default=96, help=width_help)
+    show.set_defaults(run=_show, parser=show)
 
     part = sub.add_parser("partition", help="split a spec into tiles and show each")
-    part.add_argument("spec")
-    part.add_argument("--q-splits", type=_split, required=True, help="P parts, or sizes a,b,c")
-    part.add_argument("--kv-splits", type=_split, required=True, help="P parts, or sizes a,b,c")
-    part.add_argument("--block-size", type=_block_size, default=128)
-    part.add_argument("--width", type=int, default=96)
+    part.add_argument("spec", help=spec_help)
+    part.add_argument("--q-splits", type=_split, required=True, help="P parts, or part sizes a,b,c")
+    part.add_argument("--kv-splits", type=_split, required=True, help="P parts, or part sizes a,b,c")
+    part.add_argument("--block-size", type=_block_size, default=128, help=block_help)
+    part.add_argument("--width", type=_at_least(1), default=96, help=width_help)
     part.set_defaults(run=_partition)
 
     plan = sub.add_parser("plan", help="context-parallel sharding plans for P ranks")
-    plan.add_argument("spec")
-    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("spec", help=spec_help)
+    plan.add_argument("--world-size", type=_at_least(1), required=True, help="ranks P sharing the sequence")
     plan.add_argument("--strategy", choices=["contiguous", "zigzag", "balanced"], action="append",
                       help="strategy to report (repeatable; default all)")
+    plan.add_argument("--kv-heads", type=_at_least(1), default=8, help="K/V heads, for bytes sent (default 8)")
+    plan.add_argument("--head-dim", type=_at_least(1), default=128, help="head dim, for bytes sent (default 128)")
+    plan.add_argument("--dtype", choices=list(KV_DTYPE_BYTES), default="bfloat16",
+                      help="K/V element type, for bytes sent (default bfloat16)")
     plan.add_argument("--png", help="write the rank-by-step tile grid here")
     plan.set_defaults(run=_plan)
 
@@ -167,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.run(args)
+    except SystemExit as done:  # a usage error (status 2), --help or --version (0)
+        return done.code
     except SpecError as error:
         print(f"maskc: bad spec: {error}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from functools import cached_property
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from .errors import SpecError
 from .ir import nodes as ir
-from .ir.spec import Spec
+from .ir.spec import Spec, read_spec
 from .passes.classify import BlockMap, Classify
 from .passes.empty import EmptyRowsCols
 from .passes.lower import Bounds, Lower
@@ -64,7 +65,8 @@ class CompiledMask:
 
     def __init__(self, spec: Spec, block_size=128, debug: Optional[Callable[[str], None]] = None):
         if not isinstance(spec, Spec):
-            raise TypeError(f"maskc.compile expects a maskc.Spec, got {type(spec).__name__}")
+            raise TypeError(f"maskc.compile expects a maskc.Spec, YAML/JSON text or a spec file's path, "
+                            f"got {type(spec).__name__}")
         self.spec = spec
         self.block_size = _block_sizes(block_size)
         state = run_pipeline(PASSES, {"spec": spec, "block_size": self.block_size}, debug=debug)
@@ -266,19 +268,18 @@ def _device_key(device) -> str:
     return str(device)
 
 
-def compile(spec: Union[Spec, str], block_size: Union[int, Sequence[int]] = 128, debug=None,
+def compile(spec: Union[Spec, str, Path], block_size: Union[int, Sequence[int]] = 128, debug=None,
             device=None) -> CompiledMask:
-    """Compile ``spec`` (a ``Spec``, or YAML/JSON text) for tiles of ``block_size``.
+    """Compile ``spec`` for tiles of ``block_size``: a ``Spec``, YAML/JSON text, or
+    the path of a spec file (a ``Path``, or a ``str`` naming an existing file).
 
     ``block_size`` is an int or a ``(q, kv)`` pair. ``debug`` (e.g. ``print``)
     receives one line per pass with its time and result. ``device`` (e.g.
     ``"cuda"``) builds the kernels' launch tables there now (``CompiledMask.to``),
     as calls under ``torch.compile`` or CUDA graph capture need.
     """
-    if isinstance(spec, str):
-        from .ir.spec import loads
-
-        spec = loads(spec)
+    if isinstance(spec, (str, Path)):
+        spec = read_spec(spec)
     compiled = CompiledMask(spec, block_size=block_size, debug=debug)
     return compiled if device is None else compiled.to(device)
 

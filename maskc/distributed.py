@@ -431,14 +431,15 @@ def _plot(plans: Sequence[ShardPlan], path) -> None:
 
     p = plans[0].world_size
     size = max(3.0, min(0.45 * p, 12.0))
-    fig, axes = plt.subplots(1, len(plans), figsize=(size * len(plans) + 1, size + 1), squeeze=False)
+    fig, axes = plt.subplots(1, len(plans), figsize=(size * len(plans) + 2, size + 1.2), squeeze=False,
+                             layout="constrained")
     for ax, plan in zip(axes[0], plans):
         work = np.zeros((p, p))
         for r in range(p):
             for t in range(plan.n_steps):
                 work[r, t] = plan.tile(r, t).work
         shade = np.where(work > 0, work / max(work.max(), 1), np.nan)
-        ax.imshow(shade, cmap="viridis", vmin=0, vmax=1, aspect="equal")
+        image = ax.imshow(shade, cmap="viridis", vmin=0, vmax=1, aspect="equal")
         if p <= 16:
             for r in range(p):
                 for t in range(p):
@@ -446,11 +447,12 @@ def _plot(plans: Sequence[ShardPlan], path) -> None:
                     ax.text(t, r, label, ha="center", va="center", fontsize=7,
                             color="white" if work[r, t] > 0 else "grey")
         ax.set_title(f"{plan.strategy}: busiest/mean {plan.imbalance:.2f}", fontsize=9)
-        ax.set_xlabel("ring step (label: K/V shard held, > sent on; blank: skipped)", fontsize=8)
+        ax.set_xlabel("ring step")
         ax.set_ylabel("rank")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="tile work / the plan's busiest tile")
+    fig.supxlabel("label: K/V shard held;  >: sent on after the step\nblank: skipped, nothing allowed", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

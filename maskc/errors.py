@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import reprlib
 from typing import Iterable
 
 from pydantic import BaseModel, ValidationError
@@ -46,11 +48,30 @@ class TranslatingMeta(type(BaseModel)):
             return super().__call__(*args, **kwargs)
         except ValidationError as error:
             prefix = () if getattr(cls, "_path_is_root", False) else (cls.__name__,)
-            raise from_pydantic(error, prefix) from None
+            raise from_pydantic(error, cls, prefix) from None
 
 
-def from_pydantic(error, prefix: Iterable[str | int] = ()) -> SpecError:
-    """The first problem of a pydantic ``ValidationError`` as a ``SpecError``.
+def _closest(name, known: Iterable[str]) -> str | None:
+    """The known name that ``name`` is most likely a misspelling of, if any is close."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _unknown(what: str, name, known: Iterable[str]) -> str:
+    """``unknown field 'kvlen': did you mean 'kv_len'? (fields: q_len, kv_len, mask)``;
+    the guess is left out when no known name is close."""
+    known = list(known)
+    close = _closest(name, known)
+    guess = f": did you mean {close!r}?" if close else ""
+    return f"unknown {what} {reprlib.repr(name)}{guess} ({what}s: {', '.join(known)})"
+
+
+def from_pydantic(error, model: type[BaseModel], prefix: Iterable[str | int] = ()) -> SpecError:
+    """The first problem of a pydantic ``ValidationError`` of ``model`` as a ``SpecError``.
+
+    An unknown field is reported before any other problem, with the field it is
+    closest to, because a misspelt field also makes the field meant look
+    missing (``kvlen: 12`` is a missing ``kv_len`` too).
 
     Pydantic's locations include the tag of a discriminated union (``causal``
     in ``of.0.causal.offset``); those tags are dropped from the path because
@@ -58,23 +79,37 @@ def from_pydantic(error, prefix: Iterable[str | int] = ()) -> SpecError:
     """
     from .ir.nodes import NODE_KINDS
 
-    first = error.errors()[0]
+    problems = error.errors()
+    first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, SpecError):  # raised by a scope check with its own full path
         return SpecError(join_path(*prefix, cause.path), cause.reason)
+    key = first["loc"][-1] if first["type"] in ("extra_forbidden", "invalid_key") else None
     loc = []
-    for item in first["loc"]:
+    for item in first["loc"][:-1] if key is not None else first["loc"]:
         if isinstance(item, str) and item in NODE_KINDS and loc and loc[-1] != "kind":
+            model = NODE_KINDS[item]  # a union's tag: the node whose fields follow
             continue
         if item in ("shared", "per_head") or (isinstance(item, str) and item.startswith("function-")):
             continue
         loc.append(item)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "union_tag_invalid":
-        message = f"unknown kind {first['input'].get('kind')!r}; expected one of {sorted(NODE_KINDS)}"
+        message = _unknown("kind", first["input"].get("kind"), sorted(NODE_KINDS))
         loc.append("kind")
     elif first["type"] == "union_tag_not_found":
         message = "a mask node needs a 'kind' field"
-    elif first["type"] == "extra_forbidden":
-        message = "unknown field"
+        misspelt = [name for name in first["input"] if _closest(name, ["kind"])]
+        if misspelt:
+            message += f": did you mean 'kind' instead of {misspelt[0]!r}?"
+            loc.append(str(misspelt[0]))
+    elif first["type"] == "invalid_key":
+        message = f"a field name must be text, got {key!r} ({type(key).__name__})"
+        loc.append(str(key))
+    elif key is not None:
+        message = _unknown("field", key, model.model_fields)
+        loc.append(str(key))
+    elif first["type"] == "string_unicode" and (not first["loc"] or first["loc"][-1] in NODE_KINDS):
+        message = "a field name must be Unicode text"  # a key such as "\ud800", which YAML escapes allow
+        loc.append(ascii(first["input"]))
     return SpecError(join_path(*prefix, *loc), message)

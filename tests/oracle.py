@@ -1,4 +1,4 @@
-"""Brute-force oracles, written from the node table of DESIGN.md alone.
+"""Brute-force oracles, written from the node table of docs/contract.md alone.
 
 Nothing here calls ``Mask.allowed`` or anything in ``maskc.passes``: each node's
 rule is re-stated on a dense ``[q_len, kv_len]`` grid, and attention is plain

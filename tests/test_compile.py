@@ -130,7 +130,7 @@ def picture(mask: np.ndarray) -> str:
     return "/".join("".join("#" if x else "." for x in row) for row in mask)
 
 
-NODE_PICTURES = [  # (node, q_len, kv_len, picture) from DESIGN.md's rules and the node docstrings
+NODE_PICTURES = [  # (node, q_len, kv_len, picture) from docs/contract.md's rules and the node docstrings
     (maskc.Full(), 2, 5, "#####/#####"),
     (maskc.Empty(), 2, 5, "...../....."),
     (maskc.Causal(), 4, 4, "#.../##../###./####"),

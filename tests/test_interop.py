@@ -159,7 +159,14 @@ def test_unexportable_predicate_is_named():
 
 
 def test_predicate_returning_the_wrong_thing_is_named():
-    spec = maskc.Spec(q_len=32, kv_len=32, mask=maskc.Predicate(fn=lambda i, j: (i - j).float()))
+    numbers = maskc.Spec(q_len=32, kv_len=32, mask=maskc.Predicate(fn=lambda i, j: (i - j).float()))
+    with pytest.raises(TypeError, match="must return booleans, got dtype torch.float32"):
+        maskc.compile(numbers, block_size=16)  # refused before any export
+
+    def booleans_unless_vmapped(i, j):  # the compiler passes 2-D index tensors, torch.vmap 0-d ones
+        return (i >= j) if i.dim() else (i - j).float()
+
+    spec = maskc.Spec(q_len=32, kv_len=32, mask=maskc.Predicate(booleans_unless_vmapped))
     with pytest.raises(maskc.SpecError, match="must return a bool tensor") as error:
         to_block_mask(maskc.compile(spec, block_size=16))
     assert error.value.path == "mask"

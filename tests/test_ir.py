@@ -15,7 +15,7 @@ from maskc.ir import nodes
 from oracle import spec_masks
 from strategies import specs
 
-DESIGN_EXAMPLE = """\
+CONTRACT_EXAMPLE = """\
 q_len: 12
 kv_len: 12
 mask:
@@ -37,8 +37,8 @@ def schema():
 # -- text form -------------------------------------------------------------------------------
 
 
-def test_design_example_loads_as_the_python_spec():
-    spec = maskc.loads(DESIGN_EXAMPLE)
+def test_contract_example_loads_as_the_python_spec():
+    spec = maskc.loads(CONTRACT_EXAMPLE)
     assert spec == maskc.Spec(q_len=12, kv_len=12, mask=maskc.Documents(lengths=[5, 4, 3]) & maskc.Causal())
 
 
@@ -57,8 +57,8 @@ def test_json_schema_accepts_every_dumped_spec(schema, spec):
     schema.validate(json.loads(spec.dumps("json")))
 
 
-def test_dumps_leaves_out_defaults_and_reads_like_the_design():
-    spec = maskc.loads(DESIGN_EXAMPLE)
+def test_dumps_leaves_out_defaults_and_reads_like_the_contract():
+    spec = maskc.loads(CONTRACT_EXAMPLE)
     data = json.loads(spec.dumps("json"))
     assert data == {"q_len": 12, "kv_len": 12, "mask": {"kind": "and", "of": [
         {"kind": "documents", "lengths": [5, 4, 3]}, {"kind": "causal"}]}}
@@ -83,7 +83,7 @@ def test_json_schema_validates_the_example_shapes(schema, data):
 
 
 def test_load_reads_yaml_and_json_files(tmp_path):
-    spec = maskc.loads(DESIGN_EXAMPLE)
+    spec = maskc.loads(CONTRACT_EXAMPLE)
     (tmp_path / "spec.yaml").write_text(spec.dumps())
     (tmp_path / "spec.json").write_text(spec.dumps("json"))
     assert maskc.load(tmp_path / "spec.yaml") == maskc.load(str(tmp_path / "spec.json")) == spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import maskc
@@ -27,8 +27,7 @@ def span_masks(found, q_len: int, kv_len: int) -> tuple[np.ndarray, np.ndarray]:
 def test_spans_where_found_allow_exactly_the_mask(spec):
     cm = maskc.compile(spec)
     found = spans(cm)
-    if found is None:
-        return
+    assume(found is not None)  # hypothesis fails the test if too few drawn masks have spans
     dense = spec_masks(spec)
     slot = cm.table.head_slot.numpy()
     for allowed in span_masks(found, spec.q_len, spec.kv_len):
@@ -69,8 +68,7 @@ def test_trimmed_steps_are_those_that_meet_the_hull_of_each_programs_allowed_pai
     bq, bk = blocks
     cm = maskc.compile(spec, block_size=blocks)
     found = spans(cm)
-    if found is None:
-        return
+    assume(found is not None)  # hypothesis fails the test if too few drawn masks have spans
     dense = spec_masks(spec)
     head_slot = cm.table.head_slot.numpy()
     for forward in (True, False):

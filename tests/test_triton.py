@@ -198,14 +198,51 @@ def test_masks_of_short_rows_take_their_own_tiles():
     window = maskc.compile(S(q_len=1024, kv_len=1024, mask=maskc.SlidingWindow(left=100)), block_size=16)
     assert not causal.plan(CPU).structure.short_rows
     assert window.plan(CPU).structure.short_rows
+
+
+def test_default_tiles_are_those_the_guide_names():
+    """docs/guide.md, "Running on a GPU": at head dim 128 in 16 bits, long rows run forward 128 x 128,
+    dQ 128 x 64 and dK/dV 64 x 128 tiles; short rows forward 64 x 64 and dK/dV programs of 64 keys."""
     gpu = torch.device("cuda")  # a device object needs no GPU
-    for kernel in tuning.KERNELS:
-        key = (kernel, 128)
-        assert tuning.default_config(kernel, gpu, torch.bfloat16, 128) == tuning.DEFAULTS_16BIT[key]
-        assert tuning.default_config(kernel, gpu, torch.bfloat16, 128, short_rows=True) == \
-            tuning.SHORT_ROWS_16BIT.get(key, tuning.DEFAULTS_16BIT[key])
-    fp32_forward = tuning.default_config("forward", gpu, torch.float32, 128, short_rows=True)
-    assert fp32_forward == tuning.DEFAULTS_32BIT["forward"]
+
+    def tiles(kernel, dtype=torch.bfloat16, head_dim=128, short_rows=False):
+        config = tuning.default_config(kernel, gpu, dtype, head_dim, short_rows)
+        return config.block_m, config.block_n
+
+    assert [tiles(k) for k in tuning.KERNELS] == [(128, 128), (128, 64), (64, 128)]
+    assert [tiles(k, short_rows=True) for k in tuning.KERNELS] == [(64, 64), (128, 64), (32, 64)]
+    assert tiles("forward", torch.float16, head_dim=100) == tiles("forward")  # head dims pad to 128
+    assert tiles("forward", torch.float32) == (64, 32)
+    assert tuning.default_config("forward", torch.device("cpu"), torch.bfloat16, 128) == tuning.INTERPRETER
+    fitted = tuning.config_for("forward", gpu, torch.bfloat16, 128, bq=64, bk=48)  # tiles divide the table blocks
+    assert (fitted.block_m, fitted.block_n) == (64, 16)
+
+
+def test_autotuning_keeps_the_fastest_config_that_runs(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    gpu = torch.device("cuda")
+    monkeypatch.setenv("MASKC_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU of the test")
+    monkeypatch.setattr(tuning, "_tuned", {})
+    fastest, too_big = tuning.CANDIDATES["dq"][3], tuning.CANDIDATES["dq"][4]
+    timed = []
+
+    def bench(config):
+        timed.append(config)
+        if config == too_big:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return 1.0 if config == fastest else 2.0
+
+    assert tuning.config_for("dq", gpu, torch.bfloat16, 128, 128, 128, bench=bench) == fastest
+    assert too_big in timed and len(timed) == len(set(tuning.CANDIDATES["dq"]))
+    assert tuning.config_for("dq", gpu, torch.bfloat16, 128, 128, 128, bench=bench) == fastest
+    assert len(timed) == len(set(tuning.CANDIDATES["dq"]))  # timed once per process
+    default = tuning.default_config("dkdv", gpu, torch.bfloat16, 128)
+    assert tuning.config_for("dkdv", gpu, torch.bfloat16, 128, 128, 128, bench=bench) == default  # ties keep it
+    monkeypatch.delenv("MASKC_AUTOTUNE")
+    assert tuning.config_for("dq", gpu, torch.float16, 128, 128, 128, bench=bench) == \
+        tuning.default_config("dq", gpu, torch.float16, 128)
 
 
 def test_short_rows_launch_in_sequence_order_long_rows_heaviest_first():

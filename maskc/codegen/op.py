@@ -25,7 +25,6 @@ building it copies tables to the device, which a traced graph cannot do.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -36,7 +35,6 @@ from .plan import structure_of
 from .reference import reference_backward, reference_forward
 
 
-@functools.cache
 def _launch():
     """``launch.py``, imported on the first Triton call: importing it defines the kernels, which
     reads ``TRITON_INTERPRET`` then (the CPU tests set it first)."""

@@ -33,9 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ..ir import nodes as ir
-
-#: Largest ``q_len + kv_len`` the generated int32 index arithmetic supports.
-MAX_POSITIONS = 1 << 30
+from ..ir.nodes import MAX_POSITIONS
 
 #: Slots with bit patterns: pattern -1 is a FULL tile that the end of the sequence cuts
 #: short (``block_lists.py``), where only the bounds decide.

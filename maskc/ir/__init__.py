@@ -2,6 +2,7 @@
 
 from .nodes import (
     MAX_DENSE_ELEMENTS,
+    MAX_POSITIONS,
     And,
     Causal,
     Chunked,
@@ -22,7 +23,7 @@ from .nodes import (
 from .spec import Spec, json_schema, load, loads
 
 __all__ = [
-    "MAX_DENSE_ELEMENTS", "And", "Causal", "Chunked", "Dense", "Documents", "Empty", "Full", "Mask", "Not",
-    "Or", "Predicate", "Prefix", "Range", "SlidingWindow", "Spec", "is_opaque", "json_schema", "load",
-    "loads", "walk",
+    "MAX_DENSE_ELEMENTS", "MAX_POSITIONS", "And", "Causal", "Chunked", "Dense", "Documents", "Empty", "Full",
+    "Mask", "Not", "Or", "Predicate", "Prefix", "Range", "SlidingWindow", "Spec", "is_opaque", "json_schema",
+    "load", "loads", "walk",
 ]

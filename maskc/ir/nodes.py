@@ -20,18 +20,21 @@ could not decide (``Dense``, ``Predicate``) and by ``CompiledMask.dense()``.
 
 from __future__ import annotations
 
+import inspect
+import operator
+import reprlib
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
+from annotated_types import Ge, Gt
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeInt,
     PlainSerializer,
     PlainValidator,
-    PositiveInt,
     WithJsonSchema,
     model_validator,
 )
@@ -39,6 +42,10 @@ from pydantic import (
 from ..errors import SpecError, TranslatingMeta
 
 Align = Literal["top_left", "bottom_right"]
+
+#: The most positions a spec may hold, ``q_len + kv_len < MAX_POSITIONS``: the
+#: generated kernels index positions and their sums with int32 arithmetic.
+MAX_POSITIONS = 1 << 30
 
 #: Numbers of a node (offsets, window bounds, sizes, lengths, range ends) are
 #: clamped to ``[-INDEX_LIMIT, INDEX_LIMIT]`` when the node is built: far past
@@ -52,9 +59,25 @@ def clamped(value: int) -> int:
     return max(-INDEX_LIMIT, min(INDEX_LIMIT, value))
 
 
-Offset = Annotated[int, AfterValidator(clamped)]
-Size = Annotated[PositiveInt, AfterValidator(clamped)]
-Count = Annotated[NonNegativeInt, AfterValidator(clamped)]
+def integer(value: Any) -> int:
+    """The value of an integer field: an ``int`` or an integer of numpy or torch
+    (anything with ``__index__``). Booleans are not integers (``length: true`` is
+    refused, not read as 1), and neither are strings or floats (``'12'``, ``12.0``)."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"must be an integer, got {reprlib.repr(value)} ({type(value).__name__})")
+
+
+# (the bounds go inside, on ``int``, so that the JSON Schema states them)
+Integer = Annotated[int, BeforeValidator(integer)]
+Positive = Annotated[int, Gt(0), BeforeValidator(integer)]
+NonNegative = Annotated[int, Ge(0), BeforeValidator(integer)]
+Offset = Annotated[Integer, AfterValidator(clamped)]
+Size = Annotated[Positive, AfterValidator(clamped)]
+Count = Annotated[NonNegative, AfterValidator(clamped)]
 
 
 #: Largest number of elements a ``Dense`` node (or ``CompiledMask.dense()``)
@@ -67,8 +90,30 @@ def _kind_is_required(schema: dict) -> None:
     schema["required"] = ["kind", *[r for r in schema.get("required", []) if r != "kind"]]
 
 
-class Mask(BaseModel, metaclass=TranslatingMeta):
-    """Base of every node. Not instantiated directly."""
+class NodeMeta(TranslatingMeta):
+    """Metaclass of the nodes: fields given by position are passed on by name, in the
+    order of ``_positional_fields``. (Not an ``__init__``: pydantic would then call
+    the class for every nested node it validates.)"""
+
+    def __call__(cls, *fields: Any, **named: Any):
+        names = _positional_fields(cls)
+        if len(fields) > len(names):
+            raise TypeError(f"{cls.__name__}() takes at most {len(names)} positional fields "
+                            f"({', '.join(names) or 'none'}), got {len(fields)}")
+        for name, value in zip(names, fields):
+            if name in named:
+                raise TypeError(f"{cls.__name__}() got {name!r} both by position and by name")
+            named[name] = value
+        return super().__call__(**named)
+
+
+class Mask(BaseModel, metaclass=NodeMeta):
+    """Base of every node. Not instantiated directly.
+
+    A node takes its fields by name or by position, in the order of the
+    contract's table (``Prefix(4)``, ``SlidingWindow(255, 0)``,
+    ``Range((0, 4), (2, 8))``); ``kind`` only by name.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_kind_is_required)
 
@@ -301,11 +346,11 @@ class Documents(Mask):
     """
 
     kind: Literal["documents"] = "documents"
-    lengths: tuple[NonNegativeInt, ...]
-    kv_lengths: Optional[tuple[NonNegativeInt, ...]] = None
+    lengths: tuple[NonNegative, ...]
+    kv_lengths: Optional[tuple[NonNegative, ...]] = None
     inner: "MaskNode" = Field(default_factory=Full)
-    q_start: NonNegativeInt = 0
-    kv_start: NonNegativeInt = 0
+    q_start: NonNegative = 0
+    kv_start: NonNegative = 0
 
     @model_validator(mode="after")
     def _same_count(self):
@@ -450,7 +495,9 @@ def _reject_serialising(_fn):
 
 
 class Predicate(Mask):
-    """``fn(i, j)`` for a Python callable on broadcast ``int64`` torch tensors.
+    """``fn(i, j)`` for a Python callable on broadcast ``int64`` torch tensors
+    that returns booleans (an integer result such as ``i - j`` is refused, not
+    read as truthy).
 
     Python only, never serialised. The compiler calls it a tile at a time, on
     tiles that the rest of the expression leaves undecided, with the scope's
@@ -476,8 +523,11 @@ class Predicate(Mask):
 
         i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
         out = self.fn(torch.from_numpy(i), torch.from_numpy(j))
-        out = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
-        return np.broadcast_to(out.astype(bool), np.broadcast_shapes(i.shape, j.shape))
+        values = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+        if values.dtype != bool:
+            raise TypeError(f"a Predicate's fn must return booleans, got dtype {getattr(out, 'dtype', values.dtype)}: "
+                            "compare instead (i - j >= 0, not i - j)")
+        return np.broadcast_to(values, np.broadcast_shapes(i.shape, j.shape))
 
 
 class And(Mask):
@@ -536,8 +586,24 @@ NODE_TYPES: tuple[type[Mask], ...] = (
 #: ``kind`` tag -> node class.
 NODE_KINDS: dict[str, type[Mask]] = {t.model_fields["kind"].default: t for t in NODE_TYPES}
 
+
+def _positional_fields(node: type[Mask]) -> tuple[str, ...]:
+    """The fields a node takes by position, in order: all but ``kind``."""
+    return tuple(name for name in node.model_fields if name != "kind")
+
+
+def _init_signature(node: type[Mask]) -> inspect.Signature:
+    """``node``'s signature as ``NodeMeta`` reads it: fields by position or name, ``kind`` by name."""
+    fields = inspect.signature(node).parameters
+    return inspect.Signature(
+        [fields[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in _positional_fields(node)]
+        + [fields["kind"].replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+    )
+
+
 for _node in NODE_TYPES:
     _node.model_rebuild()
+    _node.__signature__ = _init_signature(_node)
 
 
 def walk(mask: Mask):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, PositiveInt, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 
-from ..errors import SpecError, TranslatingMeta, from_pydantic
-from .nodes import Mask, MaskNode, Predicate, walk
+from ..errors import SpecError, TranslatingMeta, from_pydantic, join_path
+from .nodes import MAX_POSITIONS, Mask, MaskNode, Positive, Predicate, walk
 
 
 def _one_or_per_head(value: Any) -> str:
@@ -21,13 +23,13 @@ class Spec(BaseModel, metaclass=TranslatingMeta):
     """What may attend to what, for ``q_len`` queries and ``kv_len`` keys.
 
     ``mask`` is one expression shared by every head, or a list with one
-    expression per query head.
+    expression per query head. ``q_len + kv_len`` must be below 2**30 (``MAX_POSITIONS``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    q_len: PositiveInt
-    kv_len: PositiveInt
+    q_len: Positive
+    kv_len: Positive
     mask: Annotated[
         Union[Annotated[MaskNode, Tag("shared")], Annotated[tuple[MaskNode, ...], Tag("per_head")]],
         Discriminator(_one_or_per_head),
@@ -36,6 +38,10 @@ class Spec(BaseModel, metaclass=TranslatingMeta):
     _path_is_root = True
 
     def model_post_init(self, _context: Any) -> None:
+        if self.q_len + self.kv_len >= MAX_POSITIONS:
+            field = "q_len" if self.q_len >= self.kv_len else "kv_len"
+            raise SpecError(field, f"q_len + kv_len = {self.q_len + self.kv_len} must be below "
+                                   f"MAX_POSITIONS = 2**30 = {MAX_POSITIONS}, the positions maskc can index")
         if isinstance(self.mask, tuple) and not self.mask:
             raise SpecError("mask", "a per-head mask list needs at least one head")
         for path, head in self.named_heads():
@@ -90,21 +96,62 @@ def mask_to_data(mask: Mask) -> dict:
     return out
 
 
-def loads(text: str) -> Spec:
-    """A ``Spec`` from YAML or JSON text. Only plain data is accepted (``yaml.safe_load``)."""
+#: Levels of mappings and lists a spec's text may nest (the top mapping is level 1): far
+#: past any mask written by hand (a node is one level, ``and``/``or`` two), and shallow
+#: enough that reading and compiling the spec stays inside Python's recursion limit.
+MAX_NESTING = 100
+
+
+def _too_deep(data: Any) -> list | None:
+    """The path to the first mapping or list of ``data`` past level ``MAX_NESTING``, if any."""
+    stack = [(data, [], 1)]
+    while stack:
+        value, path, level = stack.pop()
+        if level > MAX_NESTING:
+            return path
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        stack.extend((x, [*path, key], level + 1) for key, x in items if isinstance(x, (dict, list)))
+    return None
+
+
+def _plain_data(text: str) -> Any:
+    """The data of JSON or YAML text. JSON is read as JSON (YAML would read the number
+    ``1e3`` as a string, and an escaped character past U+FFFF as two halves); YAML only
+    through ``yaml.safe_load``."""
     try:
-        data = yaml.safe_load(text)
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise SpecError("", f"malformed YAML{where}: {problem}") from None
+
+
+def loads(text: str) -> Spec:
+    """A ``Spec`` from YAML or JSON text: plain data only (``_plain_data``), nested at
+    most ``MAX_NESTING`` levels deep."""
+    try:
+        data = _plain_data(text)
+    except RecursionError:  # the readers recurse once per level of nesting
+        raise SpecError("", f"the text nests deeper than the JSON and YAML readers can follow; a spec may "
+                            f"nest {MAX_NESTING} levels") from None
+    if isinstance(data, str):
+        raise SpecError("", f"a spec must be a mapping with q_len, kv_len and mask, got the string "
+                            f"{reprlib.repr(data)}; to read a spec file, pass its path to maskc.load")
     if not isinstance(data, dict):
         raise SpecError("", f"a spec must be a mapping with q_len, kv_len and mask, got {type(data).__name__}")
+    deep = _too_deep(data)
+    if deep is not None:
+        raise SpecError(join_path(*deep), f"nested more than MAX_NESTING = {MAX_NESTING} levels of mappings "
+                                          "and lists")
     try:
         return Spec.model_validate(data)
     except ValidationError as error:
-        raise from_pydantic(error) from None
+        raise from_pydantic(error, Spec) from None
 
 
 def load(path: str | Path) -> Spec:
@@ -115,6 +162,14 @@ def load(path: str | Path) -> Spec:
     except OSError as error:
         raise SpecError("", f"cannot read {str(path)!r}: {error.strerror}") from None
     return loads(text)
+
+
+def read_spec(source: str | Path) -> Spec:
+    """A spec from a path or text: a ``Path``, or a ``str`` naming an existing file,
+    is read as a spec file (``load``); any other ``str`` is YAML or JSON text (``loads``)."""
+    if isinstance(source, Path) or os.path.isfile(source):
+        return load(source)
+    return loads(source)
 
 
 def json_schema() -> dict:
