@@ -9,6 +9,7 @@ maskc cannot read is refused by name.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -37,9 +38,10 @@ def models(name, **config):
     cfg = CONFIGS[name]() if isinstance(name, str) else name
     for key, value in config.items():
         setattr(cfg, key, value)
-    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    ours = AutoModelForCausalLM.from_config(cfg, attn_implementation="maskc", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa", dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="maskc", dtype=torch.float32)
     ours.load_state_dict(ref.state_dict())
+    assert (ours.config._attn_implementation, ref.config._attn_implementation) == ("maskc", "sdpa")
     return ours, ref
 
 
@@ -154,6 +156,21 @@ def test_one_compile_per_forward_and_kind_of_layer(config, kinds, monkeypatch):
     assert len(compiled) == 2 * kinds
     torch.testing.assert_close(packed, torch.cat([ref(input_ids=d[None]).logits[0] for d in docs]),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_maskc_spec_passed_directly_replaces_the_mask(name):
+    """A bidirectional prefix in a causal model, which transformers' masks do not express: against
+    sdpa with the same mask as a 4-D boolean tensor, one spec for the batch and one per sample."""
+    ours, ref = models(name)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    prefix_lm = [maskc.Spec(q_len=10, kv_len=10, mask=maskc.Causal() | maskc.Prefix(length=p)) for p in (4, 6)]
+    dense = torch.stack([maskc.compile(s).dense() for s in prefix_lm])[:, None]
+    for given, want_mask in ((prefix_lm[0], dense[:1].expand(2, -1, -1, -1)), (prefix_lm, dense)):
+        got = ours(input_ids=ids, maskc_spec=given).logits
+        torch.testing.assert_close(got, ref(input_ids=ids, attention_mask=want_mask).logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"maskc_spec has q_len=10, kv_len=10, but this layer attends 8 queries"):
+        ours(input_ids=ids[:, :8], maskc_spec=prefix_lm[0])
 
 
 # -- 4-D masks and what is refused --------------------------------------------------------------

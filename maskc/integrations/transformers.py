@@ -36,6 +36,11 @@ go stale, and it is freed with the forward. (A tensor given in its place, a 4-D
 mask or ``None``, is read once and cached by the identity and version of the
 tensors it was read from.)
 
+A mask transformers cannot express (a bidirectional prefix in a causal model,
+say) is passed directly: ``model(input_ids, maskc_spec=spec)`` with a
+``maskc.Spec`` for every sample, a list of them (one per sample) or a
+``CompiledMask``; it replaces what transformers passes, for every layer.
+
 Refused with an error that says what to use instead: attention dropout while
 training, ``softcap``, attention sinks (``s_aux``), a position bias, masks a
 model extends with its own functions (``or_mask_function``/``and_mask_function``,
@@ -220,35 +225,71 @@ def _identity(t) -> Optional[tuple]:
     return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape))
 
 
+def _remember(lm: Optional[LayerMask], key: tuple, keep: tuple, build: Callable[[], _Layout]) -> _Layout:
+    """The layout under ``key``: on the forward's ``LayerMask``, or in a small cache of recent ones."""
+    if lm is not None:
+        if key not in lm.layouts:
+            lm.layouts[key] = build()
+        return lm.layouts[key]
+    if key not in _RAW:
+        while len(_RAW) >= RAW_CACHE_SIZE:
+            _RAW.pop(next(iter(_RAW)))
+        _RAW[key] = (keep, build())
+    return _RAW[key][1]
+
+
 def _layout(module, attention_mask, query, key, causal: bool, window: Optional[int], kwargs) -> _Layout:
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    lm = attention_mask if isinstance(attention_mask, LayerMask) else None
+    options = lm.options if lm is not None else _OPTIONS.get(
+        getattr(getattr(module, "config", None), "_attn_implementation", NAME), Options())
+    given = kwargs.get("maskc_spec")
+    if given is not None:  # the caller's own mask replaces what transformers passes
+        by = tuple(given) if isinstance(given, list) else given
+        return _remember(lm, ("maskc_spec", by, batch, q_len, kv_len, options), (),
+                         lambda: _given(given, batch, q_len, kv_len, options))
     position_ids, cu_q, cu_k = (kwargs.get(n) for n in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k"))
-    if isinstance(attention_mask, LayerMask):
-        lm = attention_mask
-        kind = (causal, window, batch, q_len, kv_len)
-        if kind not in lm.layouts:
+
+    def build() -> _Layout:
+        if lm is not None:
             samples = _read(batch, q_len, kv_len, lm.q_offset, lm.kv_offset, causal, window, lm.padding,
                             position_ids, cu_q, cu_k)
-            if lm.options.verify and lm.mask_function is not None:
+            if options.verify and lm.mask_function is not None:
                 _verify(lm, samples, query.device)
-            lm.layouts[kind] = _compile(samples, lm.options)
-        return lm.layouts[kind]
-    options = _OPTIONS.get(getattr(getattr(module, "config", None), "_attn_implementation", NAME), Options())
-    tensors = (attention_mask, position_ids, cu_q, cu_k)
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"maskc attention: attention_mask of type {type(attention_mask).__name__} cannot be read; "
-                        + USE_SDPA)
-    cache_key = (causal, window, batch, q_len, kv_len, options, *(_identity(t) for t in tensors))
-    if cache_key not in _RAW:
-        if attention_mask is not None and attention_mask.dim() == 4:
+        elif attention_mask is not None and attention_mask.dim() == 4:
             samples = _read_4d(attention_mask, batch, q_len, kv_len, causal, window)
         else:  # a 2-D padding mask, or none; queries are the last q_len positions of the keys
             padding = None if attention_mask is None else attention_mask.to(torch.bool)
             samples = _read(batch, q_len, kv_len, kv_len - q_len, 0, causal, window, padding, position_ids, cu_q, cu_k)
-        while len(_RAW) >= RAW_CACHE_SIZE:
-            _RAW.pop(next(iter(_RAW)))
-        _RAW[cache_key] = (tensors, _compile(samples, options))
-    return _RAW[cache_key][1]
+        return _compile(samples, options)
+
+    if lm is not None:
+        return _remember(lm, (causal, window, batch, q_len, kv_len), (), build)
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"maskc attention: attention_mask of type {type(attention_mask).__name__} cannot be read; "
+                        + USE_SDPA)
+    tensors = (attention_mask, position_ids, cu_q, cu_k)
+    return _remember(None, (causal, window, batch, q_len, kv_len, options, *map(_identity, tensors)), tensors, build)
+
+
+def _given(given, batch: int, q_len: int, kv_len: int, options: Options) -> _Layout:
+    """The layout of a ``maskc_spec``: a ``Spec`` for every sample, one ``Spec`` per sample, or a
+    ``CompiledMask`` of one sample or of the whole batch laid end to end."""
+    if isinstance(given, CompiledMask):
+        cm = given
+    else:
+        specs = list(given) if isinstance(given, (list, tuple)) else [given]
+        if not specs or not all(isinstance(s, Spec) for s in specs):
+            raise TypeError(f"maskc_spec must be a maskc.Spec, a list of them (one per sample) or a CompiledMask, "
+                            f"got {given!r:.200}")
+        if len(specs) > 1 and len(specs) != batch:
+            raise ValueError(f"maskc_spec holds {len(specs)} specs for a batch of {batch} samples")
+        spec = specs[0] if len(set(specs)) == 1 else maskc.pack_batch(specs)
+        cm = maskc.compile(spec, block_size=options.block_size)
+    if (cm.q_len, cm.kv_len) not in ((q_len, kv_len), (batch * q_len, batch * kv_len)):
+        raise ValueError(f"maskc_spec has q_len={cm.q_len}, kv_len={cm.kv_len}, but this layer attends {q_len} "
+                         f"queries to {kv_len} keys in each of {batch} samples")
+    return _Layout(cm, packed=cm.q_len != q_len, backend=options.backend)
 
 
 def _window_mask(causal: bool, window: Optional[int], offset: int, q_len: int, kv_len: int) -> Mask:
