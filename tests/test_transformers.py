@@ -16,11 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import maskc
+
+# Only the package here: its models import Triton, and tests/test_triton.py must switch Triton's
+# interpreter on before anything does (it is collected after this file). The integration and the
+# models are imported when a test runs (``hf()``, ``models()``).
 transformers = pytest.importorskip("transformers")
 
-import maskc  # noqa: E402
-import maskc.integrations.transformers as maskc_hf  # noqa: E402
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening  # noqa: E402
+
+def hf():
+    """``maskc.integrations.transformers`` (importing it registers ``attn_implementation="maskc"``)."""
+    import maskc.integrations.transformers as maskc_hf
+
+    return maskc_hf
 
 VOCAB = 128
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -38,8 +46,11 @@ def models(name, **config):
     cfg = CONFIGS[name]() if isinstance(name, str) else name
     for key, value in config.items():
         setattr(cfg, key, value)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa", dtype=torch.float32)
-    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="maskc", dtype=torch.float32)
+    hf()
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa",
+                                                        dtype=torch.float32)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="maskc",
+                                                         dtype=torch.float32)
     ours.load_state_dict(ref.state_dict())
     assert (ours.config._attn_implementation, ref.config._attn_implementation) == ("maskc", "sdpa")
     return ours, ref
@@ -84,7 +95,7 @@ def test_packed_documents_are_each_document_alone(name, source):
     ours, ref = models(name)
     docs = documents()
     if source == "collator":  # cu_seq_lens_q/k, max_length_q/k and position_ids, as in packed training
-        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
             [{"input_ids": d.tolist()} for d in docs], return_tensors="pt")
         batch.pop("labels")
         assert "cu_seq_lens_q" in batch
@@ -225,9 +236,9 @@ def test_what_maskc_cannot_run_is_refused():
     layer = ours.model.layers[0].self_attn
     q, kv = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match=r"softcap=30.0.*'eager' or 'flex_attention'"):
-        maskc_hf.attention_forward(layer, q, kv, kv, None, softcap=30.0)
+        hf().attention_forward(layer, q, kv, kv, None, softcap=30.0)
     with pytest.raises(ValueError, match=r"or_mask_function.*attn_implementation='sdpa'"):
-        maskc_hf.layer_mask(batch_size=1, q_length=8, kv_length=8, use_vmap=True)
+        hf().layer_mask(batch_size=1, q_length=8, kv_length=8, use_vmap=True)
 
 
 def test_a_reading_that_disagrees_with_transformers_is_refused():
@@ -235,12 +246,12 @@ def test_a_reading_that_disagrees_with_transformers_is_refused():
     def chunked(batch, head, q, kv):
         return (kv <= q) & (q // 4 == kv // 4)
 
-    lm = maskc_hf.layer_mask(batch_size=1, q_length=8, kv_length=8, mask_function=chunked)
+    lm = hf().layer_mask(batch_size=1, q_length=8, kv_length=8, mask_function=chunked)
     layer = models("llama")[0].model.layers[0].self_attn
     q, kv = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match=r"differs from transformers' definition at sample 0, query 4, key 0 "
                                          r"\(transformers: masked, maskc: attend\)"):
-        maskc_hf.attention_forward(layer, q, kv, kv, lm)
+        hf().attention_forward(layer, q, kv, kv, lm)
 
 
 def test_the_installed_transformers_is_in_the_pinned_range():

@@ -34,7 +34,7 @@ few rows per sample, and keeps the compiled mask on the ``LayerMask``; the other
 layers of the kind reuse it. The cache is the object of that forward: it cannot
 go stale, and it is freed with the forward. (A tensor given in its place, a 4-D
 mask or ``None``, is read once and cached by the identity and version of the
-tensors it was read from.)
+tensors it was read from, held weakly.)
 
 A mask transformers cannot express (a bidirectional prefix in a causal model,
 say) is passed directly: ``model(input_ids, maskc_spec=spec)`` with a
@@ -51,6 +51,7 @@ definition (chunked attention, say).
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -218,24 +219,27 @@ def _compile(samples: list[_Sample], options: Options) -> _Layout:
     return _Layout(maskc.compile(spec, block_size=options.block_size), packed, options.backend)
 
 
-_RAW: dict = {}  # key -> (the tensors it was read from, kept alive so their ids stay theirs; the layout)
+_RAW: dict = {}  # key -> (weak references to the tensors it was read from, the layout)
 
 
 def _identity(t) -> Optional[tuple]:
     return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape))
 
 
-def _remember(lm: Optional[LayerMask], key: tuple, keep: tuple, build: Callable[[], _Layout]) -> _Layout:
-    """The layout under ``key``: on the forward's ``LayerMask``, or in a small cache of recent ones."""
+def _remember(lm: Optional[LayerMask], key: tuple, tensors: tuple, build: Callable[[], _Layout]) -> _Layout:
+    """The layout under ``key``: on the forward's ``LayerMask``, or in a small cache of recent ones
+    whose entries hold the tensors they were read from weakly (a new tensor may reuse a freed
+    one's id: the reference then no longer points to it, and the layout is read again)."""
     if lm is not None:
         if key not in lm.layouts:
             lm.layouts[key] = build()
         return lm.layouts[key]
-    if key not in _RAW:
+    hit = _RAW.get(key)
+    if hit is None or any((r() if r is not None else None) is not t for r, t in zip(hit[0], tensors)):
         while len(_RAW) >= RAW_CACHE_SIZE:
             _RAW.pop(next(iter(_RAW)))
-        _RAW[key] = (keep, build())
-    return _RAW[key][1]
+        _RAW[key] = hit = (tuple(None if t is None else weakref.ref(t) for t in tensors), build())
+    return hit[1]
 
 
 def _layout(module, attention_mask, query, key, causal: bool, window: Optional[int], kwargs) -> _Layout:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Only the package here: its models import Triton, which tests/test_triton.py (collected after this
+# directory) must find not yet imported. The integration is imported when a test runs.
 transformers = pytest.importorskip("transformers")
-
-import maskc.integrations.transformers  # noqa: E402,F401 - registers "maskc"
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 VOCAB = 1000
 SMALL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
@@ -28,15 +27,17 @@ LENGTHS = [300, 1000, 77, 700, 250]
 
 
 def model(name: str, impl: str, dtype, state=None):
+    import maskc.integrations.transformers  # noqa: F401 - registers attn_implementation="maskc"
+
     torch.manual_seed(0)
-    out = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=impl, dtype=dtype).cuda()
+    out = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=impl, dtype=dtype).cuda()
     if state is not None:
         out.load_state_dict(state)
     return out
 
 
 def run(m, inputs, w, rows=None):
-    """Logits (the ``rows`` of them) and parameter gradients of ``sum(logits * w)``, in float32."""
+    """Logits (those of the tokens ``rows``) and parameter gradients of ``sum(logits * w)``, in float32."""
     m.zero_grad()
     logits = m(**inputs).logits
     logits = logits if rows is None else logits[rows]
@@ -67,41 +68,33 @@ def check(ours, sdpa16, want):
         assert mine <= 2 * theirs + 1e-3, (name, mine, theirs)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_packed_bf16_is_each_document_alone(name):
-    g = torch.Generator(device="cuda").manual_seed(1)
-    docs = [torch.randint(0, VOCAB, (n,), device="cuda", generator=g) for n in LENGTHS]
-    ref = model(name, "sdpa", torch.float32)
-    state = ref.state_dict()
-    w = torch.randn(sum(LENGTHS), VOCAB, device="cuda", generator=g)
-    starts = torch.tensor([0] + LENGTHS).cumsum(0).tolist()
-    w_of = lambda n: w[starts[n]:starts[n + 1]]  # noqa: E731
-    want = alone(ref, docs, w_of)
-    sdpa16 = alone(model(name, "sdpa", torch.bfloat16, state), docs, w_of)
-    packed = {"input_ids": torch.cat(docs)[None],
-              "position_ids": torch.cat([torch.arange(n, device="cuda") for n in LENGTHS])[None]}
-    ours = model(name, "maskc", torch.bfloat16, state)
-    got_logits, got_grads = run(ours, packed, w[None])
-    check((got_logits[0], got_grads), sdpa16, want)
+def packed(docs) -> tuple[dict, torch.Tensor]:
+    """The model's inputs, and which of its tokens are the documents' (in order)."""
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d), device="cuda") for d in docs])[None]
+    return {"input_ids": ids, "position_ids": positions}, torch.ones_like(ids, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_left_padded_bf16_is_the_unpadded_runs(name):
-    g = torch.Generator(device="cuda").manual_seed(2)
-    docs = [torch.randint(0, VOCAB, (n,), device="cuda", generator=g) for n in LENGTHS]
-    length = max(LENGTHS)
+def left_padded(docs) -> tuple[dict, torch.Tensor]:
+    length = max(len(d) for d in docs)
     ids = torch.zeros(len(docs), length, dtype=torch.long, device="cuda")
     mask, positions = torch.zeros_like(ids), torch.zeros_like(ids)
     for b, doc in enumerate(docs):
         ids[b, -len(doc):], mask[b, -len(doc):], positions[b, -len(doc):] = doc, 1, torch.arange(len(doc))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, mask.bool()
+
+
+@pytest.mark.parametrize("layout", [packed, left_padded], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_batch_is_each_document_alone(name, layout):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    docs = [torch.randint(0, VOCAB, (n,), device="cuda", generator=g) for n in LENGTHS]
     ref = model(name, "sdpa", torch.float32)
     state = ref.state_dict()
-    w = torch.randn(sum(LENGTHS), VOCAB, device="cuda", generator=g)
+    w = torch.randn(sum(LENGTHS), VOCAB, device="cuda", generator=g)  # one weight row per token of the documents
     starts = torch.tensor([0] + LENGTHS).cumsum(0).tolist()
     w_of = lambda n: w[starts[n]:starts[n + 1]]  # noqa: E731
     want = alone(ref, docs, w_of)
     sdpa16 = alone(model(name, "sdpa", torch.bfloat16, state), docs, w_of)
-    ours = model(name, "maskc", torch.bfloat16, state)
-    got_logits, got_grads = run(ours, {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, w,
-                                rows=mask.bool())
-    check((got_logits, got_grads), sdpa16, want)
+    inputs, tokens = layout(docs)
+    check(run(model(name, "maskc", torch.bfloat16, state), inputs, w, rows=tokens), sdpa16, want)
