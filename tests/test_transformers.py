@@ -131,6 +131,21 @@ def test_padded_batch_is_the_unpadded_runs(name, side):
     assert_same(grads(ours), want_grads)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rows_packed_differently_and_padding_with_gaps(name):
+    """Each row of a batch packed its own way (joined with pack_batch), and 2-D masks with gaps
+    (the tokens on both sides of a gap attend each other, as in transformers' mask)."""
+    ours, ref = models(name)
+    rows = [documents([5, 9, 6], seed=10), documents([12, 8], seed=11)]
+    ids = torch.stack([torch.cat(docs) for docs in rows])
+    positions = torch.stack([torch.cat([torch.arange(len(d)) for d in docs]) for docs in rows])
+    want = torch.stack([torch.cat([ref(input_ids=d[None]).logits[0] for d in docs]) for docs in rows])
+    torch.testing.assert_close(ours(input_ids=ids, position_ids=positions).logits, want, rtol=1e-5, atol=1e-6)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
+    got, want = (m(input_ids=ids[:, :8], attention_mask=mask).logits for m in (ours, ref))
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-6)
+
+
 def test_generate_with_left_padding_matches_sdpa():
     ours, ref = models("mistral")
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
