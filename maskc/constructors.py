@@ -297,10 +297,11 @@ def pack_batch(samples: Sequence[Sample], causal: bool = True, window: Window = 
     if len(n_heads) > 1:
         b = next(b for b, s in enumerate(specs) if isinstance(s.mask, tuple) and len(s.mask) != min(n_heads))
         raise SpecError(f"samples[{b}].mask", f"per-head samples disagree on the number of heads: {sorted(n_heads)}")
+    total = {"q_len": len(specs) * q_len, "kv_len": len(specs) * kv_len}
     if not n_heads:
-        return Spec(q_len=len(specs) * q_len, kv_len=len(specs) * kv_len, mask=_pack([s.mask for s in specs], q_len, kv_len))
+        return Spec(**total, mask=_pack([s.mask for s in specs], q_len, kv_len))
     heads = [[s.mask[h] if isinstance(s.mask, tuple) else s.mask for s in specs] for h in range(n_heads.pop())]
-    return Spec(q_len=len(specs) * q_len, kv_len=len(specs) * kv_len, mask=[_pack(m, q_len, kv_len) for m in heads])
+    return Spec(**total, mask=[_pack(m, q_len, kv_len) for m in heads])
 
 
 def _sample_spec(sample: Sample, b: int, causal: bool, window: Window, seq_len: int) -> Spec:

@@ -152,7 +152,8 @@ def batches(draw):
         out = []
         for _ in range(n):
             lq = draw(st.lists(st.integers(0, 4), max_size=3).filter(lambda x: sum(x) <= q_len))
-            lk = draw(st.lists(st.integers(0, 4), min_size=len(lq), max_size=len(lq)).filter(lambda x: sum(x) <= kv_len))
+            lk = draw(st.lists(st.integers(0, 4), min_size=len(lq), max_size=len(lq))
+                      .filter(lambda x: sum(x) <= kv_len))
             q0, k0 = draw(st.integers(0, q_len - sum(lq))), draw(st.integers(0, kv_len - sum(lk)))
             out.append(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=maskc.Documents(
                 lengths=lq, kv_lengths=lk, inner=inner, q_start=q0, kv_start=k0)))

@@ -61,6 +61,11 @@ def documents(lengths=LENGTHS, seed=1):
     return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
 
 
+def packed_row(docs) -> dict:
+    """The documents in one row, ``position_ids`` restarting at each."""
+    return {"input_ids": torch.cat(docs)[None], "position_ids": torch.cat([torch.arange(len(d)) for d in docs])[None]}
+
+
 def weights(logits: torch.Tensor, seed=2) -> torch.Tensor:
     return torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
 
@@ -100,7 +105,7 @@ def test_packed_documents_are_each_document_alone(name, source):
         batch.pop("labels")
         assert "cu_seq_lens_q" in batch
     else:
-        batch = {"input_ids": torch.cat(docs)[None], "position_ids": torch.cat([torch.arange(len(d)) for d in docs])[None]}
+        batch = packed_row(docs)
     packed = ours(**batch).logits[0]
     w = weights(packed)
     (packed * w).sum().backward()
@@ -155,8 +160,9 @@ def test_generate_with_left_padding_matches_sdpa():
 
 
 def qwen2_sliding_and_full(layers: int):
+    kinds = ["sliding_attention", "full_attention"] * (layers // 2)
     return transformers.Qwen2Config(**{**TINY, "num_hidden_layers": layers}, use_sliding_window=True,
-                                    sliding_window=3, layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+                                    sliding_window=3, layer_types=kinds)
 
 
 @pytest.mark.parametrize("config, kinds", [
@@ -174,7 +180,7 @@ def test_one_compile_per_forward_and_kind_of_layer(config, kinds, monkeypatch):
     real = maskc.compile
     monkeypatch.setattr(maskc, "compile", counting)
     docs = documents()
-    batch = {"input_ids": torch.cat(docs)[None], "position_ids": torch.cat([torch.arange(len(d)) for d in docs])[None]}
+    batch = packed_row(docs)
     packed = ours(**batch).logits[0]
     assert len(compiled) == kinds
     assert all(spec.mask.lengths == tuple(LENGTHS) for spec in compiled)

@@ -65,7 +65,8 @@ try:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as error:  # pragma: no cover - the extra is missing
-    raise ImportError("maskc.integrations.transformers needs transformers: pip install 'maskc[transformers]'") from error
+    raise ImportError("maskc.integrations.transformers needs transformers: "
+                      "pip install 'maskc[transformers]'") from error
 
 NAME = "maskc"
 VERIFY_ROWS = 16  # query rows per sample checked against transformers' definition of the mask
