@@ -18,6 +18,8 @@ prints, serialises, partitions and compiles like any hand-written spec.
   keys of sequence ``n`` live at ``n * kv_padding`` and only the first
   ``kv_seqlen[n]`` of them are in use; queries are packed. A query sees the
   in-use keys of its own sequence, causally from the bottom right.
+* ``pack_batch(samples)``: a batch whose samples have different layouts, as one
+  spec over the batch laid end to end (``[B, H, L, D] -> [1, H, B*L, D]``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .errors import SpecError
-from .ir.nodes import Causal, Documents, Full, Mask, SlidingWindow
+from .ir.nodes import Causal, Documents, Full, Mask, Or, SlidingWindow
 from .ir.spec import Spec
 
 Window = Union[None, int, tuple[Optional[int], Optional[int]]]
@@ -237,4 +239,122 @@ def from_padded_kv_cache(q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Se
     return Spec(q_len=sum(q_lengths), kv_len=len(k_lengths) * int(kv_padding), mask=mask)
 
 
-__all__ = ["from_cu_seqlens", "from_padded_kv_cache", "from_seqlens"]
+Sample = Union[Spec, Sequence[int]]
+
+
+def pack_batch(samples: Sequence[Sample], causal: bool = True, window: Window = None,
+               seq_len: Optional[int] = None) -> Spec:
+    """One spec for a batch whose samples have different layouts.
+
+    A ``Spec`` has no batch dimension: ``cm(q, k, v)`` with ``q [B, H, L, D]``
+    applies the one mask to every sample. When the samples differ (documents
+    of other lengths, other padding), lay the batch end to end and attend it
+    as one sequence under the packed spec::
+
+        spec = maskc.pack_batch([spec_0, spec_1, ...])         # or per-sample document lengths
+        cm = maskc.compile(spec)
+        B, H, L, D = q.shape                                   # k, v: [B, Hkv, L_kv, D]
+        flat = lambda x: x.transpose(1, 2).reshape(1, B * x.shape[2], x.shape[1], D).transpose(1, 2)
+        out = cm(flat(q), flat(k), flat(v))                    # [1, H, B*L, D]
+        out = out.transpose(1, 2).reshape(B, L, H, D).transpose(1, 2)  # back to [B, H, L, D]
+
+    (``flat`` is a view when ``x`` is a transposed ``[B, L, H, D]`` tensor, as
+    in most models; otherwise ``reshape`` copies.)
+
+    ``samples``: per-sample ``Spec`` s of one ``q_len`` and one ``kv_len``, or
+    per-sample document lengths, each turned into
+    ``from_seqlens(lengths, causal, window, q_len=seq_len, kv_len=seq_len)`` (``seq_len``
+    defaults to the longest sample; a shorter one is padded at its end). Sample
+    ``b`` holds queries ``[b*q_len, (b+1)*q_len)`` and keys
+    ``[b*kv_len, (b+1)*kv_len)`` and attends nothing outside them. Per-head
+    samples (one mask per head) must agree on the number of heads; a shared
+    sample serves every head.
+
+    Samples of documents with one ``inner`` give one ``Documents`` whose
+    padding is documents with no keys or no queries;
+    ``pack_batch([[2, 1], [3]])``::
+
+        #.....
+        ##....
+        ..#...
+        ...#..
+        ...##.
+        ...###
+    """
+    if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence) or not samples:
+        raise SpecError("samples", f"must be a non-empty list of Specs or of document lengths, got {samples!r}")
+    if seq_len is None:
+        seq_len = max(x.q_len if isinstance(x, Spec) else sum(_lengths(x, f"samples[{b}]"))
+                      for b, x in enumerate(samples))
+    specs = [_sample_spec(x, b, causal, window, seq_len) for b, x in enumerate(samples)]
+    q_len, kv_len = specs[0].q_len, specs[0].kv_len
+    for b, spec in enumerate(specs):
+        for name, value, first in (("q_len", spec.q_len, q_len), ("kv_len", spec.kv_len, kv_len)):
+            if value != first:
+                raise SpecError(f"samples[{b}].{name}", f"{value} differs from samples[0].{name}={first}: the "
+                                "samples of a batch share one length (pad them, or pass seq_len)")
+    n_heads = {len(s.mask) for s in specs if isinstance(s.mask, tuple)}
+    if len(n_heads) > 1:
+        b = next(b for b, s in enumerate(specs) if isinstance(s.mask, tuple) and len(s.mask) != min(n_heads))
+        raise SpecError(f"samples[{b}].mask", f"per-head samples disagree on the number of heads: {sorted(n_heads)}")
+    total = {"q_len": len(specs) * q_len, "kv_len": len(specs) * kv_len}
+    if not n_heads:
+        return Spec(**total, mask=_pack([s.mask for s in specs], q_len, kv_len))
+    heads = [[s.mask[h] if isinstance(s.mask, tuple) else s.mask for s in specs] for h in range(n_heads.pop())]
+    return Spec(**total, mask=[_pack(m, q_len, kv_len) for m in heads])
+
+
+def _sample_spec(sample: Sample, b: int, causal: bool, window: Window, seq_len: int) -> Spec:
+    if isinstance(sample, Spec):
+        return sample
+    try:
+        return from_seqlens(sample, causal, window, q_len=seq_len, kv_len=seq_len)
+    except SpecError as error:
+        raise SpecError(f"samples[{b}].{error.path}", error.reason) from None
+
+
+def _pack(masks: list[Mask], q_len: int, kv_len: int) -> Mask:
+    """The masks of one head, sample ``b`` placed at ``(b * q_len, b * kv_len)``."""
+    if all(isinstance(m, Documents) for m in masks) and len({m.inner for m in masks}) == 1:
+        try:  # an inner that does not fit an empty padding scope (a Dense, say) takes the general form
+            return _join_documents(masks, q_len, kv_len)
+        except SpecError:
+            pass
+    if len(set(masks)) == 1:
+        return Documents(lengths=[q_len] * len(masks), kv_lengths=None if q_len == kv_len else [kv_len] * len(masks),
+                         inner=masks[0])
+    one = [Documents(lengths=[q_len], kv_lengths=None if q_len == kv_len else [kv_len], inner=m,
+                     q_start=b * q_len, kv_start=b * kv_len) for b, m in enumerate(masks)]
+    return Or(of=one)
+
+
+def _join_documents(masks: list[Documents], q_len: int, kv_len: int) -> Documents:
+    """Samples of documents with one inner as one ``Documents``: the padding around each
+    sample's documents becomes documents with no keys (or no queries), which allow nothing."""
+    docs: list[tuple[int, int]] = []
+    for m in masks:
+        q, k = m.starts()
+        q0, q1, k0, k1 = int(q[0]), int(q[-1]), int(k[0]), int(k[-1])
+        docs += [(q0, 0), (0, k0), *zip(m.lengths, m.key_lengths), (q_len - q1, 0), (0, kv_len - k1)]
+    # a run of documents with no keys or no queries allows nothing: only its sizes matter
+    merged: list[tuple[int, int]] = []
+    gap = [0, 0]
+    for lq, lk in docs:  # the gap after the last document is padding past it: no document
+        if lq and lk:
+            merged += [x for x in ((gap[0], 0), (0, gap[1])) if any(x)] + [(lq, lk)]
+            gap = [0, 0]
+        else:
+            gap = [gap[0] + lq, gap[1] + lk]
+    q_start = kv_start = 0  # padding before the first document: its start
+    if merged and merged[0][1] == 0:
+        q_start = merged.pop(0)[0]
+    if merged and merged[0][0] == 0:
+        kv_start = merged.pop(0)[1]
+    lengths, key_lengths = [x for x, _ in merged], [y for _, y in merged]
+    spec_mask = Documents(lengths=lengths, kv_lengths=None if lengths == key_lengths else key_lengths,
+                          inner=masks[0].inner, q_start=q_start, kv_start=kv_start)
+    Spec(q_len=len(masks) * q_len, kv_len=len(masks) * kv_len, mask=spec_mask)  # the inner fits every scope
+    return spec_mask
+
+
+__all__ = ["from_cu_seqlens", "from_padded_kv_cache", "from_seqlens", "pack_batch"]

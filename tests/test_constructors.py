@@ -1,4 +1,5 @@
-"""``from_seqlens``, ``from_cu_seqlens`` and ``from_padded_kv_cache`` mean what their sources mean.
+"""``from_seqlens``, ``from_cu_seqlens`` and ``from_padded_kv_cache`` mean what their sources mean;
+``pack_batch`` means per-sample attention.
 
 Each oracle below restates the source's own definition on a dense grid:
 FlashAttention's varlen docstring (causal aligned to the bottom right of each
@@ -18,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import maskc
-from oracle import spec_masks
+from oracle import attention, spec_masks
+from strategies import Options, Scope, masks
 
 
 def flash_varlen_mask(cu_q, cu_k, causal, window, q_len, kv_len) -> np.ndarray:
@@ -121,6 +123,106 @@ def test_from_padded_kv_cache_matches_xformers(q_seqlen, kv_padding, data):
     cm = maskc.compile(spec, block_size=4)
     padding = [n * kv_padding + j for n, lk in enumerate(kv_seqlen) for j in range(lk, kv_padding)]
     assert set(padding) <= set(cm.empty_cols.tolist())  # padding is never attended
+
+
+# -- pack_batch: a batch of layouts is per-sample attention ------------------------------
+
+
+def block_diagonal(per_sample: list[np.ndarray]) -> np.ndarray:
+    """The oracle's packed mask: sample ``b``'s mask on its diagonal block, nothing elsewhere."""
+    h, q_len, kv_len = per_sample[0].shape
+    out = np.zeros((h, len(per_sample) * q_len, len(per_sample) * kv_len), dtype=bool)
+    for b, m in enumerate(per_sample):
+        out[:, b * q_len:(b + 1) * q_len, b * kv_len:(b + 1) * kv_len] = m
+    return out
+
+
+@st.composite
+def batches(draw):
+    """2-4 samples of one shape: arbitrary masks, documents sharing one inner (the joined form), or copies."""
+    q_len, kv_len = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    one = masks(Scope.of_spec(q_len, kv_len), 2, Options(huge=False))
+    n = draw(st.integers(2, 4))
+    shape = draw(st.sampled_from(["any", "documents", "same"]))
+    if shape == "same":
+        return [maskc.Spec(q_len=q_len, kv_len=kv_len, mask=draw(one))] * n
+    if shape == "documents":
+        inner = draw(st.sampled_from([maskc.Causal(), maskc.Full(), maskc.SlidingWindow(left=1),
+                                      maskc.Causal(align="bottom_right")]))
+        out = []
+        for _ in range(n):
+            lq = draw(st.lists(st.integers(0, 4), max_size=3).filter(lambda x: sum(x) <= q_len))
+            lk = draw(st.lists(st.integers(0, 4), min_size=len(lq), max_size=len(lq))
+                      .filter(lambda x: sum(x) <= kv_len))
+            q0, k0 = draw(st.integers(0, q_len - sum(lq))), draw(st.integers(0, kv_len - sum(lk)))
+            out.append(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=maskc.Documents(
+                lengths=lq, kv_lengths=lk, inner=inner, q_start=q0, kv_start=k0)))
+        return out
+    return [maskc.Spec(q_len=q_len, kv_len=kv_len, mask=draw(one)) for _ in range(n)]
+
+
+@given(batches())
+def test_pack_batch_places_each_sample_on_the_diagonal(samples):
+    packed = maskc.pack_batch(samples)
+    n = len(samples)
+    assert (packed.q_len, packed.kv_len) == (n * samples[0].q_len, n * samples[0].kv_len)
+    np.testing.assert_array_equal(spec_masks(packed), block_diagonal([spec_masks(s) for s in samples]))
+
+
+def test_pack_batch_joins_documents_into_one():
+    right_padded = maskc.from_seqlens([3], q_len=4, kv_len=4)
+    left_padded = maskc.Spec(q_len=4, kv_len=4, mask=maskc.Documents(lengths=[3], inner=maskc.Causal(), q_start=1,
+                                                                     kv_start=1))
+    packed = maskc.pack_batch([right_padded, left_padded])
+    # the padding between the samples: 2 queries with no keys, 2 keys with no queries
+    assert packed.mask == maskc.Documents(lengths=[3, 2, 0, 3], kv_lengths=[3, 0, 2, 3], inner=maskc.Causal())
+    assert picture(packed) == [
+        "#.......", "##......", "###.....", "........",
+        "........", ".....#..", ".....##.", ".....###",
+    ]
+    # per-sample document lengths, padded to the longest sample (or seq_len)
+    assert maskc.pack_batch([[2, 1], [3]]) == maskc.from_seqlens([2, 1, 3])
+    assert maskc.pack_batch([[2], [1]], seq_len=3).mask == maskc.Documents(
+        lengths=[2, 1, 0, 1], kv_lengths=[2, 0, 1, 1], inner=maskc.Causal())
+    assert maskc.pack_batch([[4], [2, 2]], window=(1, 0)) == maskc.from_seqlens([4, 2, 2], window=(1, 0))
+    # samples of one mask that is no Documents: one document per sample
+    causal = maskc.Spec(q_len=3, kv_len=3, mask=maskc.Causal())
+    assert maskc.pack_batch([causal, causal]).mask == maskc.Documents(lengths=[3, 3], inner=maskc.Causal())
+
+
+def test_pack_batch_per_head_samples():
+    shared = maskc.from_seqlens([2, 2])
+    per_head = maskc.Spec(q_len=4, kv_len=4, mask=[maskc.Causal(), maskc.Full()])
+    packed = maskc.pack_batch([shared, per_head])
+    assert len(packed.mask) == 2
+    np.testing.assert_array_equal(spec_masks(packed), block_diagonal([spec_masks(shared).repeat(2, 0),
+                                                                      spec_masks(per_head)]))
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (2, 2)])
+def test_pack_batch_attention_is_per_sample_attention(hq, hkv):
+    """The reshape of pack_batch's docstring, [B, H, L, D] -> [1, H, B*L, D] and back, against the oracle per sample."""
+    samples = [maskc.from_seqlens([3, 5], q_len=10, kv_len=10), maskc.from_seqlens([10]),
+               maskc.Spec(q_len=10, kv_len=10, mask=maskc.Documents(lengths=[4, 4], inner=maskc.Causal(), q_start=2,
+                                                                   kv_start=2))]
+    B, L, D = len(samples), 10, 8
+    g = torch.Generator().manual_seed(0)
+    # as models hold them: [B, L, H, D] in memory, seen as [B, H, L, D]
+    q = torch.randn(B, L, hq, D, generator=g, dtype=torch.float64).transpose(1, 2)
+    k, v = (torch.randn(B, L, hkv, D, generator=g, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    cm = maskc.compile(maskc.pack_batch(samples), block_size=4)
+
+    def flat(x):
+        return x.transpose(1, 2).reshape(1, B * x.shape[2], x.shape[1], D).transpose(1, 2)
+
+    assert flat(q).data_ptr() == q.data_ptr() and flat(q).shape == (1, hq, B * L, D)  # a view, no copy
+    out, lse = cm(flat(q), flat(k), flat(v), return_lse=True)
+    out = out.transpose(1, 2).reshape(B, L, hq, D).transpose(1, 2)
+    lse = lse.reshape(hq, B, L).transpose(0, 1)
+    for b, spec in enumerate(samples):
+        want_out, want_lse = attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], spec_masks(spec))
+        torch.testing.assert_close(out[b:b + 1], want_out)
+        torch.testing.assert_close(lse[b:b + 1], want_lse.to(lse.dtype))
 
 
 # -- bad input ---------------------------------------------------------------------------
