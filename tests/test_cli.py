@@ -122,5 +122,5 @@ def test_plan_counts_bytes_for_the_kv_heads_head_dim_and_dtype_given(capsys, tmp
     code, out, _ = run(capsys, "plan", spec, "--world-size", "3", "--kv-heads", "2", "--head-dim", "64",
                        "--dtype", "float32", "--png", tmp_path / "plan.png")
     assert code == 0
-    assert "bytes per token: K+V 1024, dK+dV 1024 (2 KV heads x 64, 4-byte K/V)" in out
+    assert "bytes per token: K+V 1024, dK+dV 1024 (2 KV heads x 64, 4-byte K/V;" in out
     assert (tmp_path / "plan.png").read_bytes().startswith(b"\x89PNG")
