@@ -177,12 +177,14 @@ class Launch:
                                            **kwargs)
             if self.aligned and not interpreting():  # an unaligned key keeps going through the JIT
                 self.compiled = found
+                self.direct = (found.run, found.function, found.packed_metadata,
+                               triton.runtime.driver.active.get_current_stream)
             return
         args = self.template.copy()
         for slot, value in zip(self.slots, values):
             args[slot] = value
-        stream = triton.runtime.driver.active.get_current_stream(values[0].device.index)
-        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        run, function, metadata, current_stream = self.direct
+        run(*self.grid, current_stream(values[0].device.index), function, metadata, None, None, None, *args)
 
 
 _launches: dict[tuple, Launch] = {}
@@ -240,10 +242,11 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _key(name: str, structure: Structure, aligned: bool, *tensors: torch.Tensor) -> tuple:
+def _key(name: str, structure: Structure, aligned: bool, q, k, v, *more: torch.Tensor) -> tuple:
     """What fixes a kernel's launch: everything but the tensors' data."""
-    return (name, structure.key, aligned, tensors[0].dtype, tensors[0].device,
-            *(x for t in tensors for x in (t.shape, t.stride())))
+    key = (name, structure.key, aligned, q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape,
+           v.stride())
+    return key + tuple(x for t in more for x in (t.shape, t.stride())) if more else key
 
 
 def _use_tma(kernel: str, structure: Structure, aligned: bool, *tensors: torch.Tensor) -> bool:
