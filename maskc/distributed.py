@@ -244,7 +244,8 @@ class _Ring:
         """Two flat buffers per tensor of ``like`` (K, V) for the shards that arrive, used in turn:
         the shard arriving during step ``t`` lands in ``[t % 2]``, never the one held at ``t``."""
         plan, me = self.plan, self.rank
-        arriving = [int(plan.shard_lengths[plan.source(me, t + 1)]) for t in range(plan.n_steps) if plan.receives(me, t)]
+        arriving = [int(plan.shard_lengths[plan.source(me, t + 1)])
+                    for t in range(plan.n_steps) if plan.receives(me, t)]
         n = max(arriving, default=0)
         return [[x.new_empty(x[:, :, :1].numel() * n) for x in like] for _ in range(2 if n else 0)]
 

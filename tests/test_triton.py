@@ -347,10 +347,11 @@ def test_one_loop_lists_hold_every_tile_with_work_once_in_order():
     plan = cm.plan(CPU)
     assert plan.structure.one_loop
     kinds = cm.block_kinds.numpy()[0]
+    forward, backward = plan.block_lists("forward"), plan.block_lists("backward")
     for qb in range(cm.n_q_blocks):
-        assert _listed(plan.block_lists("forward"), 0, qb) == ([], [kb for kb in range(cm.n_kv_blocks) if kinds[qb, kb]])
+        assert _listed(forward, 0, qb) == ([], [kb for kb in range(cm.n_kv_blocks) if kinds[qb, kb]])
     for kb in range(cm.n_kv_blocks):
-        assert _listed(plan.block_lists("backward"), 0, kb) == ([], [qb for qb in range(cm.n_q_blocks) if kinds[qb, kb]])
+        assert _listed(backward, 0, kb) == ([], [qb for qb in range(cm.n_q_blocks) if kinds[qb, kb]])
 
 
 def test_full_tiles_cut_short_in_a_bit_pattern_slot():

@@ -234,7 +234,8 @@ def _constexprs(structure: Structure, direction: str, config: tuning.TileConfig,
         partial_mask=kernels.spans_only if spans else predicate(structure.source), SPANS=spans,
         ONE_LOOP=structure.one_loop, CUT=structure.cut, TRIM=structure.trim(direction, program, step),
         N_MASK_HEADS=structure.n_mask_heads, ARGS_WIDTH=1 if spans else structure.args_width, BQ=structure.block_q,
-        BK=structure.block_kv, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=q.shape[-1], BLOCK_D=tuning.head_bucket(q.shape[-1]), HEAD_DV=v.shape[-1],
+        BK=structure.block_kv, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=q.shape[-1],
+        BLOCK_D=tuning.head_bucket(q.shape[-1]), HEAD_DV=v.shape[-1],
         BLOCK_DV=tuning.head_bucket(v.shape[-1]), PRECISION=_precision(q.dtype),
     )
 
