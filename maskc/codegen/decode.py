@@ -208,38 +208,43 @@ def tile_of(rows: int, group: int, block_m: int) -> tuple[int, int]:
 def forward(structure: Structure, tables: torch.Tensor, q, k, v, out, lse, qk_scale: float):
     """``(out, lse)`` of the decode path, written into ``out`` and ``lse`` (``launch.forward``
     allocates them and checks the arguments; ``qk_scale = scale * log2(e) >= 0``)."""
-    batch, n_heads, n_kv_heads = q.shape[0], q.shape[1], k.shape[1]
-    group, rows = n_heads // n_kv_heads, structure.decode_rows
-    block_dv = tuning.head_bucket(v.shape[-1])
-    part_out = torch.empty((structure.decode_items, batch, n_heads, rows, block_dv), dtype=torch.float32,
-                           device=q.device)
+    batch, n_heads = q.shape[0], q.shape[1]
+    part_out = torch.empty((structure.decode_items, batch, n_heads, structure.decode_rows,
+                            tuning.head_bucket(v.shape[-1])), dtype=torch.float32, device=q.device)
     part_lse = torch.empty(part_out.shape[:-1], dtype=torch.float32, device=q.device)
     aligned = launch._aligned(q, k, v)
-    shared = dict(**launch._strides("o", out), batch=batch, n_heads=n_heads, n_kv_heads=n_kv_heads, group=group,
-                  q_len=structure.q_len, ROWS=rows, HEAD_DV=v.shape[-1], BLOCK_DV=block_dv)
-
-    def grid(programs: int, heads: int) -> tuple[int, int, int]:
-        return programs, batch * n_kv_heads * triton.cdiv(group, heads), 1
-
-    def build_decode(config: tuning.TileConfig) -> launch.Launch:
-        heads, tile = tile_of(rows, group, config.block_m)
-        fixed = dict(**shared, **launch._strides("q", q), **launch._strides("k", k, "bhnd"),
-                     **launch._strides("v", v, "bhnd"), kv_len=structure.kv_len, CUT=structure.cut, HEADS=heads,
-                     TILE_M=tile, BK=structure.block_kv, BLOCK_N=config.block_n, HEAD_D=q.shape[-1],
-                     BLOCK_D=tuning.head_bucket(q.shape[-1]), PRECISION=launch._precision(q.dtype))
-        return launch.Launch(_decode_fwd, grid(structure.decode_items, heads), fixed,
-                             ("Q", "K", "V", "Out", "Lse", "PartOut", "PartLse", "T", "qk_scale"), config, {},
-                             aligned)
-
-    def build_merge(config: tuning.TileConfig) -> launch.Launch:
-        heads, tile = tile_of(rows, group, config.block_m)
-        return launch.Launch(_decode_merge, grid(structure.decode_groups, heads),
-                             dict(**shared, HEADS=heads, TILE_M=tile), ("Out", "Lse", "PartOut", "PartLse", "T"),
-                             config, {}, aligned)
-
     launch.launch("decode", launch._key("decode", structure, aligned, q, k, v),
-                  (q, k, v, out, lse, part_out, part_lse, tables, qk_scale), build_decode, structure, q, v)
-    launch.launch("merge", launch._key("merge", structure, aligned, q, k, v),
-                  (out, lse, part_out, part_lse, tables), build_merge, structure, q, v)
+                  (q, k, v, out, lse, part_out, part_lse, tables, qk_scale),
+                  lambda config: _decode_launch(structure, config, aligned, q, k, v, out), structure, q, v)
+    launch.launch("merge", launch._key("merge", structure, aligned, q, k, v), (out, lse, part_out, part_lse, tables),
+                  lambda config: _merge_launch(structure, config, aligned, q, k, v, out), structure, q, v)
     return out, lse
 
+
+def _grid(programs: int, heads: int, q, k) -> tuple[int, int, int]:
+    """``(programs, batch * kv_heads * splits, 1)`` for programs packing ``heads`` query heads."""
+    return programs, q.shape[0] * k.shape[1] * triton.cdiv(q.shape[1] // k.shape[1], heads), 1
+
+
+def _shared(structure: Structure, q, k, v, out) -> dict:
+    """The arguments both kernels take, fixed by the launch key."""
+    return dict(**launch._strides("o", out), batch=q.shape[0], n_heads=q.shape[1], n_kv_heads=k.shape[1],
+                group=q.shape[1] // k.shape[1], q_len=structure.q_len, ROWS=structure.decode_rows,
+                HEAD_DV=v.shape[-1], BLOCK_DV=tuning.head_bucket(v.shape[-1]))
+
+
+def _decode_launch(structure: Structure, config: tuning.TileConfig, aligned: bool, q, k, v, out) -> launch.Launch:
+    heads, tile = tile_of(structure.decode_rows, q.shape[1] // k.shape[1], config.block_m)
+    fixed = dict(**_shared(structure, q, k, v, out), **launch._strides("q", q), **launch._strides("k", k, "bhnd"),
+                 **launch._strides("v", v, "bhnd"), kv_len=structure.kv_len, CUT=structure.cut, HEADS=heads,
+                 TILE_M=tile, BK=structure.block_kv, BLOCK_N=config.block_n, HEAD_D=q.shape[-1],
+                 BLOCK_D=tuning.head_bucket(q.shape[-1]), PRECISION=launch._precision(q.dtype))
+    return launch.Launch(_decode_fwd, _grid(structure.decode_items, heads, q, k), fixed,
+                         ("Q", "K", "V", "Out", "Lse", "PartOut", "PartLse", "T", "qk_scale"), config, {}, aligned)
+
+
+def _merge_launch(structure: Structure, config: tuning.TileConfig, aligned: bool, q, k, v, out) -> launch.Launch:
+    heads, tile = tile_of(structure.decode_rows, q.shape[1] // k.shape[1], config.block_m)
+    return launch.Launch(_decode_merge, _grid(structure.decode_groups, heads, q, k),
+                         dict(**_shared(structure, q, k, v, out), HEADS=heads, TILE_M=tile),
+                         ("Out", "Lse", "PartOut", "PartLse", "T"), config, {}, aligned)
