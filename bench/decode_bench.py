@@ -30,9 +30,6 @@ whole key blocks of 128, each once per KV head.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskc  # noqa: E402 - after the path setup, to bench this checkout
 from maskc.codegen import launch, tuning  # noqa: E402
 from maskc.codegen.plan import Section  # noqa: E402
-from results import add_run  # noqa: E402
+from results import add_command_run, gpu_machine  # noqa: E402
 
 SEQS, SLOT, HEADS, KV_HEADS, DIM, PAGE = 32, 8192, 32, 8, 128, 128
 SHORTEST = 1024  # filled lengths are drawn from [SHORTEST, SLOT)
@@ -201,11 +198,6 @@ def sweep(cache: Cache, notes: list) -> None:
     launch._fitted.clear()
 
 
-def machine() -> str:
-    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"{platform.processor() or platform.machine()} host {platform.node() or 'unknown'}")
-
-
 def table(rows: list, notes: list) -> str:
     out = ["32 sequences, KV slots of 8192 keys filled to 1024-8191, 32 query heads, 8 KV heads, head dim 128, "
            "bf16, forward: us (median); TB/s = allowed K/V bytes / time; ratios = other tool's time / this "
@@ -222,7 +214,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="add the run to bench/RESULTS.md")
     parser.add_argument("--sweep", action="store_true", help="also time other key chunks and decode tile configs")
     args = parser.parse_args()
-    print(machine(), flush=True)
+    print(gpu_machine(), flush=True)
     cache = Cache()
     rows, notes = [], []
     for n_q in QUERIES:
@@ -231,9 +223,7 @@ def main() -> None:
         sweep(cache, notes)
     text = table(rows, notes)
     if args.write:
-        command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        add_run(SECTION, f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}  \n"
-                         f"Machine: {machine()}\n\n{text}")
+        add_command_run(SECTION, gpu_machine(), text)
     print(text)
 
 
