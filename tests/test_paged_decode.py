@@ -81,10 +81,10 @@ def test_decode_float16_and_a_negative_scale():
     check(spec, heads=2, kv_heads=1, scale=-0.3)
 
 
-def test_groups_wider_than_a_tile_split_their_heads(monkeypatch):
+def test_groups_wider_than_a_tile_split_their_heads():
     # 16 rows of one sequence times 4 heads exceed the interpreter's 16-row tiles: four programs a KV head
     spec = maskc.from_padded_kv_cache([16, 16], 64, [64, 40])
-    cm = check(spec, heads=4, kv_heads=1)
+    cm = check(spec, block_size=(64, 16), heads=4, kv_heads=1)  # query blocks of 4 groups
     assert cm.plan(CPU).structure.decode_rows == 16
     assert decode.tile_of(16, 4, tuning.INTERPRETER.block_m) == (1, 16)
 

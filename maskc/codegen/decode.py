@@ -6,7 +6,8 @@ these two kernels over the work list of ``decode_work.py`` instead of the
 main forward:
 
 * ``_decode_fwd``, grid ``(decode_items, batch * kv_heads * splits)``: one
-  program per item (a chunk of one row group's key blocks) and KV head. Its
+  program per item (a chunk of one row group's key blocks; the largest
+  first) and KV head. Its
   tile holds the group's rows times the ``HEADS`` query heads of that KV head
   it packs (``tile_of``), so each K/V step is loaded once for all of them
   (GQA; ``splits > 1`` only where a group's rows times the heads exceed the
@@ -42,6 +43,7 @@ DECODE_GROUP_ITEMS = tl.constexpr(int(Section.DECODE_GROUP_ITEMS))
 DECODE_ITEMS = tl.constexpr(int(Section.DECODE_ITEMS))
 DECODE_BLOCKS = tl.constexpr(int(Section.DECODE_BLOCKS))
 DECODE_SPANS = tl.constexpr(int(Section.DECODE_SPANS))
+DECODE_ORDER = tl.constexpr(int(Section.DECODE_ORDER))
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -104,9 +106,9 @@ def _decode_fwd(Q, K, V, Out, Lse, PartOut, PartLse, T,
                 HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     tl.static_assert(TILE_M >= ROWS * HEADS, "the tile holds every row of a group for its heads")
-    item = tl.program_id(0)
-    if item >= tl.load(_section(T, DECODE_COUNTS)):  # the grid is rounded up (plan.rounded_up)
+    if tl.program_id(0) >= tl.load(_section(T, DECODE_COUNTS)):  # the grid is rounded up (plan.rounded_up)
         return
+    item = tl.load(_section(T, DECODE_ORDER) + tl.program_id(0))  # largest first
     b, kv_head, split = _kv_program(n_kv_heads, group, HEADS)
     at = _section(T, DECODE_ITEMS) + item * 3
     grp, first, end = tl.load(at), tl.load(at + 1), tl.load(at + 2)

@@ -21,7 +21,8 @@ exact row intervals (``passes/lower.py``):
   reads another sequence's keys;
 * **items**: each group's entries split into chunks of about
   ``chunk_keys`` keys (split-K, "flash-decoding"), the unit of one decode
-  program. A group's items are consecutive.
+  program. A group's items are consecutive; programs take them largest
+  first (``order``), so that the last to finish are the smallest.
 
 Layout (sections of the packed plan, ``plan.py``)::
 
@@ -32,6 +33,7 @@ Layout (sections of the packed plan, ``plan.py``)::
     DECODE_BLOCKS      int32[n_entries]         key block of each entry
     DECODE_SPANS       int32[n_entries, 2, R]   lo of each of the group's rows, then hi
                                                 (absolute key positions inside the block)
+    DECODE_ORDER       int32[n_items]           program p runs item order[p]: most entries first
 
 ``reads`` (the entries) is what one KV head's programs read, in key blocks;
 the plan compares it with the main kernels' tiles (``plan.build_plan``).
@@ -56,6 +58,7 @@ class DecodeWork:
     items: np.ndarray  # int32[n_items, 3]
     blocks: np.ndarray  # int32[n_entries]
     spans: np.ndarray  # int32[n_entries, 2, R]
+    order: np.ndarray  # int32[n_items]
 
     @property
     def rows(self) -> int:
@@ -97,12 +100,21 @@ def _chunks(n_entries: np.ndarray, entry_start: np.ndarray, per_chunk: int) -> t
 def decode_work(cm, max_reads: int) -> Optional[DecodeWork]:
     """The decode work list of ``cm``, or ``None`` where the decode kernel does not apply: per-head
     masks, ``Dense``/``Predicate`` nodes (inexact intervals), more than ``tuning.DECODE_MAX_ROWS``
-    rows, or more than ``max_reads`` key-block reads (checked before the lists are built)."""
+    rows, fewer than ``tuning.DECODE_GROUPS_PER_QUERY_BLOCK`` row groups a query block on average,
+    or more than ``max_reads`` key-block reads (checked before the lists are built)."""
     if len(cm.slot_masks) != 1 or cm.q_len > tuning.DECODE_MAX_ROWS or not cm.bounds[0].exact:
         return None
-    bk = cm.block_size[1]
-    rows = cm.bounds[0].sure
+    (bq, bk), rows = cm.block_size, cm.bounds[0].sure
     real = rows.real()
+    row_first_block = np.where(real[:, 0], rows.lo[:, 0] // bk, -1)
+    starts = _row_groups(row_first_block, tuning.DECODE_MAX_GROUP_ROWS)
+    if cm.q_len * tuning.DECODE_GROUPS_PER_QUERY_BLOCK > bq * int(starts.sum()):
+        return None
+    group_of_row = np.cumsum(starts) - 1
+    group_first = np.flatnonzero(starts)
+    group_size = np.diff(np.append(group_first, cm.q_len))
+    n_rows = 1 << int(group_size.max() - 1).bit_length()
+
     row, k = np.nonzero(real)  # intervals in row order, ascending within a row
     lo, hi = rows.lo[row, k], rows.hi[row, k]
     first_block, last_block = lo // bk, (hi - 1) // bk
@@ -121,13 +133,6 @@ def decode_work(cm, max_reads: int) -> Optional[DecodeWork]:
     repeat[1:] = (piece_row[1:] == piece_row[:-1]) & (block[1:] == block[:-1])
     run_first = np.maximum.accumulate(np.where(repeat, 0, piece))
     occurrence = piece - run_first
-
-    row_first_block = np.where(real[:, 0], rows.lo[:, 0] // bk, -1)
-    starts = _row_groups(row_first_block, tuning.DECODE_MAX_GROUP_ROWS)
-    group_of_row = np.cumsum(starts) - 1
-    group_first = np.flatnonzero(starts)
-    group_size = np.diff(np.append(group_first, cm.q_len))
-    n_rows = 1 << int(group_size.max() - 1).bit_length()
 
     # entries: distinct (group, block, occurrence), ascending
     group = group_of_row[piece_row]
@@ -152,4 +157,5 @@ def decode_work(cm, max_reads: int) -> Optional[DecodeWork]:
         items=items.astype(np.int32),
         blocks=(entry_keys // width % cm.n_kv_blocks).astype(np.int32),
         spans=spans,
+        order=np.argsort(items[:, 1] - items[:, 2], kind="stable").astype(np.int32),
     )

@@ -110,6 +110,7 @@ class Section(enum.IntEnum):
     DECODE_ITEMS = 22
     DECODE_BLOCKS = 23
     DECODE_SPANS = 24
+    DECODE_ORDER = 25
 
 
 #: the first trimmed-steps section; section ``TRIMMED + n`` is ``structure.trims[n]``
@@ -294,13 +295,14 @@ def build_plan(cm, device: torch.device) -> Plan:
     q_order, kv_order = _orders(table, short_rows)
     no_spans = np.zeros(0, dtype=np.int32)
     work = None if n_active == 0 else decode_work(cm, tuning.DECODE_READS_FACTOR * int(fwd_work.sum()))
-    decode = (work.counts, work.group_rows, work.group_items, work.items, work.blocks, work.spans) if work else ()
+    decode = (work.counts, work.group_rows, work.group_items, work.items, work.blocks, work.spans,
+              work.order) if work else ()
     sections = [table.head_slot.numpy(), q_order, kv_order,
                 *(x.numpy() for d in (forward, backward) for x in (d.full_ptr, d.full_idx, d.part_ptr,
                                                                    d.part_idx, d.part_pattern)),
                 code.args, code.data,
                 *((found.row_lo, found.row_hi, found.col_lo, found.col_hi) if found else (no_spans,) * 4),
-                *(decode or (no_spans,) * 6)]
+                *(decode or (no_spans,) * 7)]
     trims = tuning.tile_pairs(device, bq, bk, short_rows) if found is not None else ()
     for direction, program, step in trims:
         lists_, lo, hi, own, entry = ((forward, found.row_lo, found.row_hi, bq, bk) if direction == "forward"

@@ -101,14 +101,17 @@ DEFAULTS_32BIT = {
 DECODE_16BIT = {"decode": TileConfig(64, 64, 4, 3), "merge": TileConfig(64, 16, 4, 1)}
 DECODE_32BIT = {"decode": TileConfig(32, 32, 4, 2), "merge": TileConfig(64, 16, 4, 1)}
 
-#: Masks that take the decode path (``plan.build_plan``): at most this many query rows (the host
-#: builds per-row work lists), and groups of at most this many rows (``decode_work.py``).
+#: Masks that take the decode path (``plan.build_plan``, ``decode_work.py``): at most this many
+#: query rows (the host builds per-row work lists), in row groups of at most this many rows,
 DECODE_MAX_ROWS = 1024
 DECODE_MAX_GROUP_ROWS = 16
-#: The decode path is chosen where its programs read at most this many times the key blocks
-#: the main kernels' forward reads, counted without GQA (with ``G`` query heads a KV head,
-#: decode reads each block once for all ``G``, the main kernels ``G`` times): few rows of long
-#: reach, where the main kernels' query blocks run few programs of many steps.
+#: at least this many groups a query block on average (rows of several sequences, or few rows:
+#: where one group fills a query block, the main kernels' programs share its keys already),
+DECODE_GROUPS_PER_QUERY_BLOCK = 4
+#: and programs that read at most this many times the key blocks the main kernels' forward reads,
+#: counted without GQA (with ``G`` query heads a KV head, decode reads each block once for all
+#: ``G``, the main kernels ``G`` times): few rows of long reach, where the main kernels' query
+#: blocks run few programs of many steps.
 DECODE_READS_FACTOR = 2
 #: Keys one decode program reads (split-K chunk): at least ``DECODE_CHUNK_KEYS``, and
 #: ``DECODE_CHUNK_KEYS_PER_ROW`` per row of a group, so that the float32 partial results a
