@@ -38,5 +38,6 @@ __all__ = [
     "EMPTY", "FULL", "PARTIAL", "And", "Causal", "Chunked", "CompiledMask", "Dense", "Documents", "Empty",
     "Full", "Mask", "Not", "Or", "Predicate", "Prefix", "Range", "ShardPlan", "SlidingWindow", "Spec",
     "SpecError", "TileKind", "compile", "from_cu_seqlens", "from_padded_kv_cache", "from_paged_kv_cache",
-    "from_seqlens", "json_schema", "load", "loads", "merge_partials", "partition", "plan_report", "ring_attention", "shard_plan", "split_points",
+    "from_seqlens", "json_schema", "load", "loads", "merge_partials", "partition", "plan_report", "ring_attention",
+    "shard_plan", "split_points",
 ]
