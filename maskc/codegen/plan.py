@@ -43,8 +43,9 @@ output needs filling before a launch. A mask that allows nothing launches
 nothing (``Structure.empty``).
 
 The decode path. Masks of few query rows with long reach (decoding, chunked
-prefill: ``decode_work.py``) run their forward through the decode kernel
-(``decode.py``) when its programs read at most
+prefill) run their forward through the decode kernel (``decode.py``) where
+``decode_work.decode_work`` finds them fit: one head-shared exact mask, query
+blocks of several row groups, and programs that read at most
 ``tuning.DECODE_READS_FACTOR`` times the key blocks the main forward reads
 (counted as if every query head had its own KV head; with GQA decode reads
 each block once per KV head). The backward runs the main kernels, whose
