@@ -9,6 +9,9 @@ sections and the earlier runs as they were.
 from __future__ import annotations
 
 import datetime
+import os
+import platform
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -31,3 +34,19 @@ def add_run(section: str, text: str, title: Optional[str] = None) -> None:
         at += len(body[at:]) - len(body[at:].lstrip("\n"))  # past the blank lines under the heading
         body = body[:at] + run + body[at:]
     RESULTS.write_text(body.rstrip() + "\n")
+
+
+def gpu_machine() -> str:
+    """The GPU, torch and Triton versions and the host, for a run's header."""
+    import torch
+    import triton
+
+    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"{platform.processor() or platform.machine()} host {platform.node() or 'unknown'}")
+
+
+def add_command_run(section: str, machine: str, text: str) -> None:
+    """``add_run`` of ``text`` under the command line that ran (``sys.argv``), the date and ``machine``."""
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    add_run(section, f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}  \n"
+                     f"Machine: {machine}\n\n{text}")

@@ -23,10 +23,7 @@ Batch 1, 16 heads, head dim 128, bf16, blocks of 128. Measured in one process:
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,7 +36,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskc  # noqa: E402 - after the path setup, to bench this checkout
-from results import add_run  # noqa: E402
+from results import add_command_run, gpu_machine  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
 SECTION = "## Call path: host time, short sequences, CUDA graphs (issue 14)"
@@ -192,11 +189,6 @@ def long_sequences(report: list, before) -> None:
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def machine() -> str:
-    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"{platform.processor() or platform.machine()} host {platform.node() or 'unknown'}")
-
-
 def tables(hosts, shorts, longs) -> str:
     out = []
     if hosts:
@@ -235,7 +227,7 @@ def main() -> None:
     if args.before:
         sys.path.insert(0, args.before)
         before = importlib.import_module("maskc_before")
-    print(machine(), flush=True)
+    print(gpu_machine(), flush=True)
     hosts, shorts, longs = [], [], []
     for name, run, rows in (("host", host_times, hosts), ("short", short_sequences, shorts),
                             ("long", long_sequences, longs)):
@@ -243,9 +235,7 @@ def main() -> None:
             run(rows, before)
     text = tables(hosts, shorts, longs)
     if args.write:
-        command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        add_run(SECTION, f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}  \n"
-                         f"Machine: {machine()}\n\n{text}")
+        add_command_run(SECTION, gpu_machine(), text)
     print(text)
 
 

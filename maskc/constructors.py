@@ -20,6 +20,9 @@ prints, serialises, partitions and compiles like any hand-written spec.
   in-use keys of its own sequence, causally from the bottom right.
 * ``pack_batch(samples)``: a batch whose samples have different layouts, as one
   spec over the batch laid end to end (``[B, H, L, D] -> [1, H, B*L, D]``).
+* ``from_paged_kv_cache(page_table, page_size, kv_lengths, q_per_seq)``: a
+  paged cache (vLLM, FlexAttention's ``PagedAttention``) attended in place:
+  the mask on the page pool's physical key axis.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .errors import SpecError
-from .ir.nodes import Causal, Documents, Full, Mask, Or, SlidingWindow
+from .ir.nodes import Causal, Documents, Empty, Full, Mask, Or, Range, SlidingWindow
 from .ir.spec import Spec
 
 Window = Union[None, int, tuple[Optional[int], Optional[int]]]
@@ -358,3 +361,130 @@ def _join_documents(masks: list[Documents], q_len: int, kv_len: int) -> Document
 
 
 __all__ = ["from_cu_seqlens", "from_padded_kv_cache", "from_seqlens", "pack_batch"]
+
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise SpecError(name, f"must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _page_table(value) -> np.ndarray:
+    """``int64[n_seq, max_pages]`` from a 2-D integer table (list, array or tensor on any device)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    try:
+        table = np.asarray(value)
+    except ValueError:  # ragged nesting
+        raise SpecError("page_table", "must be a 2-D [n_seq, max_pages] table of integers") from None
+    if table.ndim != 2:
+        raise SpecError("page_table", f"must be a 2-D [n_seq, max_pages] table of integers, got shape {table.shape}")
+    if table.size and not np.issubdtype(table.dtype, np.integer):
+        raise SpecError("page_table", f"must hold integers, got dtype {table.dtype}")
+    return table.astype(np.int64)
+
+
+def from_paged_kv_cache(page_table, page_size: int, kv_lengths: Sequence[int], q_per_seq: Union[int, Sequence[int]] = 1,
+                        causal: bool = True, n_pages: Optional[int] = None) -> Spec:
+    """A paged KV cache, attended in place: the mask on the key axis of the page pool.
+
+    The cache is a pool of ``n_pages`` pages of ``page_size`` keys; K and V are
+    the pool as ``[batch, kv_heads, n_pages * page_size, head_dim]`` (the
+    layout of FlexAttention's ``PagedAttention``; vLLM's ``[n_pages, page_size,
+    kv_heads, head_dim]`` cache is ``cache.flatten(0, 1).transpose(0, 1)[None]``,
+    a view). Sequence ``n`` keeps its logical key ``p`` at physical key
+    ``page_table[n, p // page_size] * page_size + p % page_size``; its first
+    ``kv_lengths[n]`` keys are filled, the new ones included, and its
+    ``q_per_seq[n]`` new queries (an int: the same for every sequence) are
+    packed one sequence after another, as in ``from_padded_kv_cache``. Query
+    ``t`` of sequence ``n`` sees logical keys ``p < kv_lengths[n]`` with
+    ``p <= t + kv_lengths[n] - q_per_seq[n]`` (causal from the bottom right:
+    decoding and chunked prefill); ``causal=False``: every filled key. Entries
+    of ``page_table`` past a sequence's filled pages are not read (vLLM pads
+    them with anything). Pages may be shared between sequences (a common
+    prefix), not within one. ``n_pages`` defaults to one past the largest page
+    in use; give the pool's size so that ``kv_len`` matches K and V.
+
+    ``q_len = sum(q_per_seq)``, ``kv_len = n_pages * page_size``. The mask is
+    an ``Or`` of one ``Range`` per run of consecutive physical pages of a
+    sequence, ``& Causal(offset)`` on the run holding its last
+    ``q_per_seq[n]`` keys, so a pool allocated in order gives one term a
+    sequence and a shuffled one a term a page at most. The kernels then read
+    each sequence's pages through the block lists, without gathering them;
+    compile with a key block that divides ``page_size`` (the default 128 for
+    pages of 128 or more; ``block_size=(128, 64)`` for pages of 64), so that
+    no block holds keys of two pages. Other page sizes are exact too, the
+    decode kernel then reads a block once for each page in it
+    (``codegen/decode_work.py``).
+
+    Two sequences in pages of 2 keys, one query each,
+    ``from_paged_kv_cache([[2, 0], [1, 3]], 2, [3, 4])`` (sequence 0: logical
+    keys 0-1 in page 2, key 2 in page 0)::
+
+        #...##..
+        ..##..##
+    """
+    table = _page_table(page_table)
+    page = _positive(page_size, "page_size")
+    k_lengths = _lengths(kv_lengths, "kv_lengths")
+    n_seq, max_pages = table.shape
+    if len(k_lengths) != n_seq:
+        raise SpecError("kv_lengths", f"has {len(k_lengths)} entries but page_table has {n_seq} rows")
+    if isinstance(q_per_seq, (int, np.integer)) and not isinstance(q_per_seq, bool):
+        q_lengths = _lengths([q_per_seq] * n_seq, "q_per_seq")
+    else:
+        q_lengths = _lengths(q_per_seq, "q_per_seq")
+        if len(q_lengths) != n_seq:
+            raise SpecError("q_per_seq", f"has {len(q_lengths)} entries but page_table has {n_seq} rows")
+    if not sum(q_lengths):
+        raise SpecError("q_per_seq", "no sequence has a new query (a spec needs q_len >= 1)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    used = [-(-lk // page) for lk in k_lengths]
+    for n, lk in enumerate(k_lengths):
+        if lk > max_pages * page:
+            raise SpecError(f"kv_lengths[{n}]", f"{lk} keys do not fit max_pages * page_size = {max_pages} * {page}")
+    in_use = [table[n, :u] for n, u in enumerate(used)]
+    largest = max((int(p.max()) for p in in_use if len(p)), default=-1)
+    pool = largest + 1 if n_pages is None else _positive(n_pages, "n_pages")
+    for n, pages in enumerate(in_use):
+        outside = np.flatnonzero((pages < 0) | (pages >= pool))
+        if len(outside):
+            b = int(outside[0])
+            raise SpecError(f"page_table[{n}, {b}]", f"page {pages[b]} is outside the pool's n_pages={pool} pages "
+                                                     f"(sequence {n} fills {used[n]} pages)")
+        distinct, counts = np.unique(pages, return_counts=True)
+        if (counts > 1).any():
+            twice = np.flatnonzero(pages == distinct[counts > 1][0])
+            raise SpecError(f"page_table[{n}, {int(twice[1])}]",
+                            f"page {pages[twice[1]]} is also sequence {n}'s page {int(twice[0])}")
+    terms: list[Mask] = []
+    q_start = 0
+    for n, (lq, lk, pages) in enumerate(zip(q_lengths, k_lengths, in_use)):
+        if lq and lk:
+            terms += _page_runs(pages, page, lk, lq, q_start, causal)
+        q_start += lq
+    mask = Or(of=terms) if len(terms) > 1 else terms[0] if terms else Empty()
+    return Spec(q_len=sum(q_lengths), kv_len=pool * page, mask=mask)
+
+
+def _page_runs(pages: np.ndarray, page: int, kv_length: int, q_count: int, q_start: int, causal: bool) -> list[Mask]:
+    """One sequence's terms: a ``Range`` per run of consecutive physical pages, clipped to its
+    filled keys; the run holding logical keys past ``kv_length - q_count`` (not seen by every
+    query) also ``& Causal(offset)``: logical key ``S + o`` of a run starting at physical ``P`` is
+    physical ``P + o``, and ``S + o <= t + kv_length - q_count`` is ``j <= i + offset``."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    terms: list[Mask] = []
+    for first, end in zip(np.r_[0, breaks], np.r_[breaks, len(pages)]):
+        logical, physical = int(first) * page, int(pages[first]) * page
+        stop = min(int(end) * page, kv_length)
+        rows = (q_start, q_start + q_count)
+        term: Mask = Range(q=rows, kv=(physical, physical + stop - logical))
+        if causal and stop - 1 > kv_length - q_count:
+            term = term & Causal(offset=kv_length - q_count - q_start + physical - logical)
+        terms.append(term)
+    return terms
+
+
+__all__ = ["from_cu_seqlens", "from_padded_kv_cache", "from_paged_kv_cache", "from_seqlens"]

@@ -1,4 +1,4 @@
-"""Shared test set-up: hypothesis profiles.
+"""Shared test set-up: hypothesis profiles, and Triton's interpreter on machines without a GPU.
 
 ``ci`` (the default) is derandomized, so a run is reproducible and its time is
 stable; ``explore`` draws fresh random examples and more of them. Pick one with
@@ -7,7 +7,15 @@ stable; ``explore`` draws fresh random examples and more of them. Pick one with
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Triton decides when a function is decorated whether @triton.jit interprets it, and decorates its
+# own library (tl.zeros, tl.cdiv) when triton.language is first imported, which collecting a module
+# that touches torch.compile already does. Without a GPU the kernel tests run in the interpreter
+# (test_triton.py), so it must be on before anything imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "ci",

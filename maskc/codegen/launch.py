@@ -271,6 +271,10 @@ def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     if structure.empty:
         return out.zero_(), lse.fill_(-math.inf)
+    if structure.decode:  # few rows of long reach: split-K over row groups, GQA in the tile
+        from . import decode  # imports this module: here, not at the top
+
+        return decode.forward(structure, tables, q, k, v, out, lse, scale * kernels.LOG2E.value)
     aligned = _aligned(q, k, v)
 
     def build(config: tuning.TileConfig) -> Launch:

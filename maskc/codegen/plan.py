@@ -32,6 +32,8 @@ on a 16-entry boundary (aligned vector loads). ``S`` is the number of slots
     MASK_DATA      int32[N]           its per-token tables
     ROW_LO/ROW_HI  int32[S, q_len]    spans (``spans.py``), where the mask has them
     COL_LO/COL_HI  int32[S, kv_len]
+    DECODE_*       the decode kernel's work list (``decode_work.py``), where
+                   ``structure.decode``; else empty
     then, per ``structure.trims`` entry ``(direction, program, step)``, the
     trimmed PARTIAL steps ``int32[S, programs, 2]`` (``spans.partial_steps``)
 
@@ -39,6 +41,18 @@ Every query block and key block has a program, those with no tile too: their
 lists are empty, so they write out 0, LSE ``-inf`` and zero gradients, and no
 output needs filling before a launch. A mask that allows nothing launches
 nothing (``Structure.empty``).
+
+The decode path. Masks of few query rows with long reach (decoding, chunked
+prefill) run their forward through the decode kernel (``decode.py``) where
+``decode_work.decode_work`` finds them fit: one head-shared exact mask, query
+blocks of several row groups, and programs that read at most
+``tuning.DECODE_READS_FACTOR`` times the key blocks the main forward reads
+(counted as if every query head had its own KV head; with GQA decode reads
+each block once per KV head). The backward runs the main kernels, whose
+sections every plan holds. The decode grids are sized by
+``decode_items``/``decode_groups``, the work list's counts rounded up
+(``rounded_up``), so that masks of one structure mostly share them; programs
+past the real counts return at once.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ import torch
 
 from . import tuning
 from .block_lists import BlockLists, expand, merged
+from .decode_work import decode_work
 from .predicate import mask_code
 from .spans import partial_steps, spans
 
@@ -90,6 +105,13 @@ class Section(enum.IntEnum):
     ROW_HI = 16
     COL_LO = 17
     COL_HI = 18
+    DECODE_COUNTS = 19
+    DECODE_GROUP_ROWS = 20
+    DECODE_GROUP_ITEMS = 21
+    DECODE_ITEMS = 22
+    DECODE_BLOCKS = 23
+    DECODE_SPANS = 24
+    DECODE_ORDER = 25
 
 
 #: the first trimmed-steps section; section ``TRIMMED + n`` is ``structure.trims[n]``
@@ -118,6 +140,10 @@ class Structure:
     short_rows: bool  # query blocks hold fewer than tuning.SHORT_ROWS tiles on average
     empty: bool  # no allowed pair: nothing to launch
     trims: tuple  # ((direction, program, step), ...): the trimmed steps sections, in order
+    decode: bool  # the forward runs the decode kernel (decode.py) over the DECODE_* sections
+    decode_rows: int  # decode: rows of a group's spans (a power of two); else 0
+    decode_items: int  # decode: programs a KV head, at least the work list's items; else 0
+    decode_groups: int  # decode: merge programs a KV head, at least its row groups; else 0
 
     @property
     def n_q_blocks(self) -> int:
@@ -238,6 +264,13 @@ def _orders(table, short_rows: bool) -> tuple[np.ndarray, np.ndarray]:
     return q_order, kv_order
 
 
+def rounded_up(n: int) -> int:
+    """``n`` rounded up to four significant bits (at most 1/8 more): a grid size that masks of one
+    structure mostly share."""
+    step = 1 << max(n.bit_length() - 4, 0)
+    return -(-n // step) * step
+
+
 def build_plan(cm, device: torch.device) -> Plan:
     """The plan of ``cm`` on ``device``: numpy on the host, then one copy per tensor."""
     code = mask_code(cm)
@@ -262,11 +295,15 @@ def build_plan(cm, device: torch.device) -> Plan:
     backward = lists(table.backward, ragged(cm.q_len, bq))
     q_order, kv_order = _orders(table, short_rows)
     no_spans = np.zeros(0, dtype=np.int32)
+    work = None if n_active == 0 else decode_work(cm, tuning.DECODE_READS_FACTOR * int(fwd_work.sum()))
+    decode = (work.counts, work.group_rows, work.group_items, work.items, work.blocks, work.spans,
+              work.order) if work else ()
     sections = [table.head_slot.numpy(), q_order, kv_order,
                 *(x.numpy() for d in (forward, backward) for x in (d.full_ptr, d.full_idx, d.part_ptr,
                                                                    d.part_idx, d.part_pattern)),
                 code.args, code.data,
-                *((found.row_lo, found.row_hi, found.col_lo, found.col_hi) if found else (no_spans,) * 4)]
+                *((found.row_lo, found.row_hi, found.col_lo, found.col_hi) if found else (no_spans,) * 4),
+                *(decode or (no_spans,) * 7)]
     trims = tuning.tile_pairs(device, bq, bk, short_rows) if found is not None else ()
     for direction, program, step in trims:
         lists_, lo, hi, own, entry = ((forward, found.row_lo, found.row_hi, bq, bk) if direction == "forward"
@@ -278,7 +315,9 @@ def build_plan(cm, device: torch.device) -> Plan:
         n_slots=len(cm.slot_masks),
         args_width=int(code.args.shape[1]), source=digest, spans=found is not None, one_loop=one_loop,
         cut=ragged(cm.q_len, bq) >= 0 or ragged(cm.kv_len, bk) >= 0, short_rows=short_rows,
-        empty=n_active == 0, trims=tuple(trims))
+        empty=n_active == 0, trims=tuple(trims), decode=work is not None,
+        decode_rows=work.rows if work else 0, decode_items=rounded_up(len(work.items)) if work else 0,
+        decode_groups=rounded_up(len(work.group_rows)) if work else 0)
     return Plan(torch.from_numpy(pack(sections, np.int32)).to(device), padded_bytes(table.patterns, device),
                 structure, structure.key)
 

@@ -90,6 +90,34 @@ DEFAULTS_32BIT = {
     "dkdv": TileConfig(32, 64, 4, 2),
 }
 
+#: The decode path (``decode.py``, ``decode_work.py``): ``block_m`` caps a program's tile rows
+#: (query rows times the query heads of one KV head it packs), ``block_n`` is its key step. Decode
+#: is bound by reading K/V: a step of 64 keys at head dim 128 moves 32 KB, and 3 stages (96 KB of
+#: shared memory) leave room for two programs a multiprocessor. A tile of 64 rows keeps the MMA
+#: time of a step near a quarter of its copy time. Estimates, to be confirmed by
+#: bench/decode_bench.py (``MASKC_AUTOTUNE=1`` times ``CANDIDATES``). The merge kernel's
+#: ``block_m`` caps its tile rows likewise; it has no key steps.
+DECODE_16BIT = {"decode": TileConfig(64, 64, 4, 3), "merge": TileConfig(64, 16, 4, 1)}
+DECODE_32BIT = {"decode": TileConfig(32, 32, 4, 2), "merge": TileConfig(64, 16, 4, 1)}
+
+#: Masks that take the decode path (``plan.build_plan``, ``decode_work.py``): at most this many
+#: query rows (the host builds per-row work lists), in row groups of at most this many rows,
+DECODE_MAX_ROWS = 1024
+DECODE_MAX_GROUP_ROWS = 16
+#: at least this many groups a query block on average (rows of several sequences, or few rows:
+#: where one group fills a query block, the main kernels' programs share its keys already),
+DECODE_GROUPS_PER_QUERY_BLOCK = 4
+#: and programs that read at most this many times the key blocks the main kernels' forward reads,
+#: counted without GQA (with ``G`` query heads a KV head, decode reads each block once for all
+#: ``G``, the main kernels ``G`` times): few rows of long reach, where the main kernels' query
+#: blocks run few programs of many steps.
+DECODE_READS_FACTOR = 2
+#: Keys one decode program reads (split-K chunk): at least ``DECODE_CHUNK_KEYS``, and
+#: ``DECODE_CHUNK_KEYS_PER_ROW`` per row of a group, so that the float32 partial results a
+#: program writes and the merge reads stay a few percent of the K/V it reads.
+DECODE_CHUNK_KEYS = 512
+DECODE_CHUNK_KEYS_PER_ROW = 128
+
 #: Under ``TRITON_INTERPRET=1`` (CPU tests) the smallest tiles are the fastest.
 INTERPRETER = TileConfig(16, 16, 1, 1)
 
@@ -103,6 +131,9 @@ CANDIDATES = {
            TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3)],
     "dkdv": [TileConfig(64, 128, 8, 3), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 8, 4),
              TileConfig(64, 64, 4, 2), TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 3)],
+    "decode": [TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), TileConfig(64, 128, 4, 2),
+               TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(32, 64, 4, 4)],
+    "merge": [TileConfig(64, 16, 4, 1)],
 }
 
 _tuned: dict[tuple, TileConfig] = {}
@@ -139,6 +170,8 @@ def default_config(kernel: str, device: torch.device, dtype: torch.dtype, head_d
                    short_rows: bool = False) -> TileConfig:
     if device.type != "cuda":
         return INTERPRETER
+    if kernel in DECODE_16BIT:
+        return (DECODE_32BIT if dtype == torch.float32 else DECODE_16BIT)[kernel]
     if dtype == torch.float32:
         return DEFAULTS_32BIT[kernel]
     key = (kernel, head_bucket(head_dim))
