@@ -62,29 +62,38 @@ class BlockMap:
     col_hits: Optional[np.ndarray] = None
 
 
-def _block_spans(rows: iv.Rows, kv_len: int, bk: int, n_kv: int):
-    """Per interval, the key blocks it touches and the ones it fills."""
-    real = rows.real()
-    touch_lo = np.where(real, rows.lo // bk, 0)
-    touch_hi = np.where(real, (rows.hi - 1) // bk + 1, 0)
-    fill_lo = -(-rows.lo // bk)
-    fill_hi = np.where(rows.hi >= kv_len, n_kv, rows.hi // bk)
-    filled = real & (fill_lo < fill_hi)
-    return touch_lo, touch_hi, np.where(filled, fill_lo, 0), np.where(filled, fill_hi, 0)
+def _ceil_div(x: np.ndarray, b: int) -> np.ndarray:
+    out = x + (b - 1)
+    out //= b
+    return out
 
 
-def _unfilled(fill_lo, fill_hi, n_kv: int):
-    """Per row, the key blocks it does not fill (raw gaps; empty ones are harmless)."""
-    real = fill_lo < fill_hi
-    lo = np.where(real, fill_lo, n_kv)
-    hi = np.where(real, fill_hi, n_kv)
-    # canonical rows are sorted with padding last, so the gaps are between neighbours
-    order = np.argsort(lo, axis=1, kind="stable") if lo.shape[1] > 1 else None
-    if order is not None:
+def _touched(rows: iv.Rows, bk: int):
+    """Per interval, the key blocks it touches (``[0, 0)`` for unused slots)."""
+    return rows.lo // bk, _ceil_div(rows.hi, bk)
+
+
+def _filled(rows: iv.Rows, kv_len: int, bk: int, n_kv: int):
+    """Per interval, the key blocks it fills, sorted per row; ``[n_kv, n_kv)`` where it fills none."""
+    lo = _ceil_div(rows.lo, bk)
+    hi = rows.hi // bk
+    if kv_len % bk:  # the last block is cut short: an interval reaching the end fills it
+        hi[rows.hi >= kv_len] = n_kv
+    none = lo >= hi
+    lo[none] = n_kv
+    hi[none] = n_kv
+    # canonical rows are sorted with padding last; the moved ones must go last too
+    if lo.shape[1] > 1:
+        order = np.argsort(lo, axis=1, kind="stable")
         lo, hi = np.take_along_axis(lo, order, 1), np.take_along_axis(hi, order, 1)
-    zero = np.zeros((lo.shape[0], 1), dtype=np.int64)
-    end = np.full((lo.shape[0], 1), n_kv, dtype=np.int64)
-    return np.concatenate([zero, hi], axis=1), np.concatenate([lo, end], axis=1)
+    return lo, hi
+
+
+def _gaps(fill_lo, fill_hi, n_kv: int):
+    """Per row, the key blocks between its sorted filled runs (some empty: harmless)."""
+    zero = np.zeros((fill_lo.shape[0], 1), dtype=np.int64)
+    end = np.full((fill_lo.shape[0], 1), n_kv, dtype=np.int64)
+    return np.concatenate([zero, fill_hi], axis=1), np.concatenate([fill_lo, end], axis=1)
 
 
 def _items(group, lo, hi):
@@ -94,19 +103,14 @@ def _items(group, lo, hi):
 
 def classify(bounds: Bounds, mask: ir.Mask, q_len: int, kv_len: int, bq: int, bk: int) -> BlockMap:
     n_q, n_kv = -(-q_len // bq), -(-kv_len // bk)
-    t_lo, t_hi, f_lo, f_hi = _block_spans(bounds.sure, kv_len, bk, n_kv)
+    columns = [*_touched(bounds.maybe, bk), *_filled(bounds.sure, kv_len, bk, n_kv)]
     if not bounds.exact:
-        t_lo, t_hi, _, _ = _block_spans(bounds.maybe, kv_len, bk, n_kv)
-    g_lo, g_hi = _unfilled(f_lo, f_hi, n_kv)
-    columns = [t_lo, t_hi, g_lo, g_hi]
-    if not bounds.exact:
-        undecided = iv.intersect(bounds.maybe, iv.complement(bounds.sure, kv_len))
-        u_lo, u_hi, _, _ = _block_spans(undecided, kv_len, bk, n_kv)
-        columns += [u_lo, u_hi]
+        columns += _touched(iv.intersect(bounds.maybe, iv.complement(bounds.sure, kv_len)), bk)
     block = np.arange(q_len, dtype=np.int64) // bq
     keep = iv.distinct_consecutive([block[:, None]] + columns)
     block = block[keep]
     columns = [c[keep] for c in columns]
+    columns[2:4] = _gaps(columns[2], columns[3], n_kv)
     sets = [
         _items(block, columns[0], columns[1]),
         _items(block, columns[2], columns[3]),

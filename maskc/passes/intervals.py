@@ -180,9 +180,12 @@ def distinct_consecutive(columns: list[np.ndarray]) -> np.ndarray:
     n = columns[0].shape[0]
     changed = np.ones(n, dtype=bool)
     if n > 1:
-        changed[1:] = False
+        later = changed[1:]
+        later[:] = False
+        step = np.empty(n - 1, dtype=bool)
         for c in columns:
-            changed[1:] |= (c[1:] != c[:-1]).any(axis=1)
+            for k in range(c.shape[1]):  # column by column: a reduction over a short axis is slow
+                later |= np.not_equal(c[1:, k], c[:-1, k], out=step)
     return np.flatnonzero(changed)
 
 
