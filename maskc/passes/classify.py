@@ -138,23 +138,24 @@ def _tile_indices(qb, kb, q_len, kv_len, bq, bk):
     return i, j, i < q_len, j < kv_len
 
 
-def _evaluate_tiles(mask, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
-    """``bool[T, bq, bk]``: the expression on tiles ``(qb[t], kb[t])``, out-of-range positions False."""
-    out = np.zeros((len(qb), bq, bk), dtype=bool)
+def _evaluated_batches(mask, qb, kb, q_len, kv_len, bq, bk):
+    """Per batch of about ``EVAL_BATCH`` elements of the tiles ``(qb[t], kb[t])``: the tiles'
+    ``slice``, ``bool[b, bq, bk]`` of the expression on them (out-of-range positions False)
+    and their ``_tile_indices``."""
     per_batch = max(1, EVAL_BATCH // (bq * bk))
     start, shown = time.perf_counter(), False
     for s in range(0, len(qb), per_batch):
-        i, j, i_ok, j_ok = _tile_indices(qb[s:s + per_batch], kb[s:s + per_batch], q_len, kv_len, bq, bk)
+        at = slice(s, s + per_batch)
+        i, j, i_ok, j_ok = _tile_indices(qb[at], kb[at], q_len, kv_len, bq, bk)
         ii = np.minimum(i, q_len - 1)[:, :, None]
         jj = np.minimum(j, kv_len - 1)[:, None, :]
-        out[s:s + per_batch] = mask.allowed(ii, jj, q_len, kv_len) & i_ok[:, :, None] & j_ok[:, None, :]
+        yield at, mask.allowed(ii, jj, q_len, kv_len) & i_ok[:, :, None] & j_ok[:, None, :], (i, j, i_ok, j_ok)
         if time.perf_counter() - start > 2.0 and sys.stderr.isatty():
             shown = True
             print(f"\r[maskc] evaluating undecided tiles {min(s + per_batch, len(qb))}/{len(qb)}",
                   end="", file=sys.stderr, flush=True)
     if shown:
         print(file=sys.stderr)
-    return out
 
 
 def _rows_tiles(rows: iv.Rows, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
@@ -166,34 +167,44 @@ def _rows_tiles(rows: iv.Rows, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
     return out
 
 
+def _packed(tiles: np.ndarray) -> np.ndarray:
+    """``uint8[T, ceil(bq * bk / 8)]``: the bits of ``bool[T, bq, bk]`` tiles, packed."""
+    t, bq, bk = tiles.shape
+    return np.packbits(tiles.reshape(t, bq * bk), axis=1)
+
+
 def _decide(out, bounds, mask, q_len, kv_len, bq, bk, n_q, n_kv) -> BlockMap:
+    """The undecided tiles evaluated a batch at a time; only the bits of PARTIAL ones are kept
+    (packed), so memory grows with the PARTIAL tiles, not with the undecided ones."""
     uq, uk = out["undecided"].cells()
-    values = _evaluate_tiles(mask, uq, uk, q_len, kv_len, bq, bk)
-    i, j, i_ok, j_ok = _tile_indices(uq, uk, q_len, kv_len, bq, bk)
-    row_hits = np.unique(i[values.any(axis=2) & i_ok])
-    col_hits = np.unique(j[values.any(axis=1) & j_ok])
-    cells = i_ok.sum(1) * j_ok.sum(1)
-    hits = values.sum(axis=(1, 2))
-    now_full = hits == cells
-    now_partial = (hits > 0) & ~now_full
-
-    pq, pk = out["partial"].cells()
-    known = _rows_tiles(bounds.sure, pq, pk, q_len, kv_len, bq, bk)
-    tiles_q = np.concatenate([pq, uq[now_partial]])
-    tiles_k = np.concatenate([pk, uk[now_partial]])
-    bits = np.concatenate([known, values[now_partial]])
-    order = np.lexsort((tiles_k, tiles_q))
-    tiles_q, tiles_k, bits = tiles_q[order], tiles_k[order], bits[order]
-    packed = np.packbits(bits.reshape(len(bits), bq * bk), axis=1)
-    _, first, pattern_of = np.unique(packed, axis=0, return_index=True, return_inverse=True)
-
+    row_hit, col_hit = np.zeros(q_len, dtype=bool), np.zeros(kv_len, dtype=bool)
     fq, fk = out["full"].cells()
-    full = iv.sweep([(np.concatenate([fq, uq[now_full]]), np.concatenate([fk, uk[now_full]]),
-                      np.concatenate([fk, uk[now_full]]) + 1)], n_kv, {"full": lambda c: c[0] > 0})["full"]
+    pq, pk = out["partial"].cells()
+    full_q, full_k, part_q, part_k = [fq], [fk], [pq], [pk]
+    bits = [_packed(_rows_tiles(bounds.sure, pq, pk, q_len, kv_len, bq, bk))]
+    for at, values, (i, j, i_ok, j_ok) in _evaluated_batches(mask, uq, uk, q_len, kv_len, bq, bk):
+        row_hit[i[values.any(axis=2) & i_ok]] = True
+        col_hit[j[values.any(axis=1) & j_ok]] = True
+        hits = values.sum(axis=(1, 2))
+        now_full = hits == i_ok.sum(1) * j_ok.sum(1)
+        now_partial = (hits > 0) & ~now_full
+        full_q.append(uq[at][now_full])
+        full_k.append(uk[at][now_full])
+        part_q.append(uq[at][now_partial])
+        part_k.append(uk[at][now_partial])
+        bits.append(_packed(values[now_partial]))
+    tiles_q, tiles_k, packed = np.concatenate(part_q), np.concatenate(part_k), np.concatenate(bits)
+    order = np.lexsort((tiles_k, tiles_q))
+    tiles_q, tiles_k, packed = tiles_q[order], tiles_k[order], packed[order]
+    distinct, pattern_of = np.unique(packed, axis=0, return_inverse=True)
+    patterns = np.unpackbits(distinct, axis=1, count=bq * bk).astype(bool).reshape(-1, bq, bk)
+
+    fq, fk = np.concatenate(full_q), np.concatenate(full_k)
+    full = iv.sweep([(fq, fk, fk + 1)], n_kv, {"full": lambda c: c[0] > 0})["full"]
     return BlockMap(
         n_q, n_kv, full, Runs(tiles_q, tiles_k, tiles_k + 1),
-        patterns=bits[first], pattern_of=pattern_of.reshape(-1).astype(np.int64),
-        row_hits=row_hits, col_hits=col_hits,
+        patterns=patterns, pattern_of=pattern_of.reshape(-1).astype(np.int64),
+        row_hits=np.flatnonzero(row_hit), col_hits=np.flatnonzero(col_hit),
     )
 
 
