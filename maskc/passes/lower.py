@@ -201,17 +201,6 @@ def _empty(m, rows, memo):
     return _exact(iv.empty_rows(rows.n))
 
 
-def _intersect(m: ir.And, rows: RowScope, memo) -> Bounds:
-    if not m.of:
-        return _full(m, rows, memo)
-    out = lower(m.of[0], rows, memo)
-    for x in m.of[1:]:
-        b = lower(x, rows, memo)
-        sure = iv.intersect(out.sure, b.sure)
-        out = Bounds(sure) if out.exact and b.exact else Bounds(sure, iv.intersect(out.maybe, b.maybe))
-    return out
-
-
 def _rows_reached(mask: ir.Mask) -> tuple[int, int]:
     """Local query rows ``[a, b)`` (``a <= b``) outside which ``mask`` allows nothing, in any scope."""
     if isinstance(mask, ir.Empty):
@@ -228,6 +217,31 @@ def _rows_reached(mask: ir.Mask) -> tuple[int, int]:
     return (0, 0) if isinstance(mask, ir.Or) else (0, ir.INDEX_LIMIT)
 
 
+def _reached(mask: ir.Mask, rows: RowScope, ordered: bool):
+    """The ``rows`` that ``mask`` may allow a key in (a slice where ``rows.i`` is ``ordered``,
+    ascending, else an index array) and how many they are."""
+    a, b = _rows_reached(mask)
+    if ordered:
+        first, end = np.searchsorted(rows.i, (a, b)).tolist()
+        return slice(first, end), end - first
+    at = np.flatnonzero((rows.i >= a) & (rows.i < b))
+    return at, len(at)
+
+
+def _intersect(m: ir.And, rows: RowScope, memo) -> Bounds:
+    at, n_at = _reached(m, rows, _ascending(rows.i))
+    if n_at < rows.n:  # lowered on the rows every operand reaches
+        return _placed(rows.n, at, lower(m, rows.take(at), {})) if n_at else _empty(m, rows, memo)
+    if not m.of:
+        return _full(m, rows, memo)
+    out = lower(m.of[0], rows, memo)
+    for x in m.of[1:]:
+        b = lower(x, rows, memo)
+        sure = iv.intersect(out.sure, b.sure)
+        out = Bounds(sure) if out.exact and b.exact else Bounds(sure, iv.intersect(out.maybe, b.maybe))
+    return out
+
+
 def _union(m: ir.Or, rows: RowScope, memo) -> Bounds:
     """The operands on the rows they reach, merged in one sort: the work grows
     with the rows each operand reaches, not with ``operands * rows``. ``Range``
@@ -237,21 +251,14 @@ def _union(m: ir.Or, rows: RowScope, memo) -> Bounds:
     for x in m.of:
         if isinstance(x, ir.Range):
             ranges.append(x)
-            continue
-        if isinstance(x, ir.Documents):
+        elif isinstance(x, ir.Documents):
             documents.setdefault(x.inner, []).append(x)
-            continue
-        a, b = _rows_reached(x)
-        if ordered:
-            at = slice(*np.searchsorted(rows.i, (a, b)).tolist())
-            n_at = at.stop - at.start
         else:
-            at = np.flatnonzero((rows.i >= a) & (rows.i < b))
-            n_at = len(at)
-        if n_at == rows.n:
-            parts.append((slice(None), lower(x, rows, memo)))
-        elif n_at:
-            parts.append((at, lower(x, rows.take(at), {})))
+            at, n_at = _reached(x, rows, ordered)
+            if n_at == rows.n:
+                parts.append((slice(None), lower(x, rows, memo)))
+            elif n_at:
+                parts.append((at, lower(x, rows.take(at), {})))
     if ranges:
         parts.append(_ranges_in(ranges, rows))
     parts += [_documents_in(group, rows) for group in documents.values()]

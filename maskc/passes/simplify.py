@@ -159,6 +159,15 @@ def _join_documents(m):  # documents placed back to back with one inner are one 
     return ir.Or(of=tuple(of))
 
 
+def _gather_negations(m):  # And(~a, ~b, x) == And(~Or(a, b), x); Or(~a, ~b, x) == Or(~And(a, b), x)
+    negated = [x.of for x in m.of if isinstance(x, ir.Not)]
+    if len(negated) < 2:
+        return None
+    dual = ir.Or if isinstance(m, ir.And) else ir.And
+    rest = tuple(x for x in m.of if not isinstance(x, ir.Not))
+    return type(m)(of=rest + (ir.Not(of=dual(of=tuple(negated))),))
+
+
 def _double_negation(m):  # ~~x == x
     return m.of.of if isinstance(m.of, ir.Not) else None
 
@@ -205,6 +214,8 @@ RULES: list[tuple[type, Rewrite]] = [
     (ir.And, _merge_prefixes),
     (ir.Or, _merge_prefixes),
     (ir.Or, _join_documents),
+    (ir.And, _gather_negations),
+    (ir.Or, _gather_negations),
     (ir.And, _trivial),
     (ir.Or, _trivial),
     (ir.Not, _double_negation),
