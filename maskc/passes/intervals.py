@@ -103,32 +103,40 @@ def union(n: int, parts) -> Rows:
         return empty_rows(n)
     # past every position (n * stride stays far below 2**63 for any scope)
     stride = max(max(int(form.lo.max()), int(form.hi.max())) for _, form in parts) + 1
-    keys, ends = [], []
-    for at, form in parts:
+    size = sum(form.lo.size for _, form in parts)
+    key, end = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+    done = 0
+    for at, form in parts:  # written in place: these arrays are the largest of a compile
         base = (np.arange(n, dtype=np.int64)[at] if isinstance(at, slice) else at)[:, None] * stride
-        keys.append((base + form.lo).ravel())
-        ends.append((base + form.hi).ravel())
-    key, end = np.concatenate(keys), np.concatenate(ends)
+        np.add(base, form.lo, out=key[done:done + form.lo.size].reshape(form.lo.shape))
+        np.add(base, form.hi, out=end[done:done + form.hi.size].reshape(form.hi.shape))
+        done += form.lo.size
     order = np.argsort(key, kind="stable")
-    key, end = key[order], end[order]
-    reach = np.maximum.accumulate(end)
-    starts = np.ones(len(key), dtype=bool)
-    starts[1:] = key[1:] > reach[:-1]
-    first = np.flatnonzero(starts)
-    last = np.append(first[1:], len(key)) - 1
-    lo, hi = key[first], reach[last]
+    key = key[order]
+    reach = np.maximum.accumulate(end[order], out=end)
+    del order
+    starts = np.ones(size, dtype=bool)
+    np.greater(key[1:], reach[:-1], out=starts[1:])
+    stops = np.ones(size, dtype=bool)  # where the next interval starts a new one
+    stops[:-1] = starts[1:]
+    lo, hi = key[starts], reach[stops]
+    del key, reach, starts, stops  # freed before the result is built
     real = lo < hi  # an empty interval may open one of its own, which then holds nothing
-    lo, hi = lo[real], hi[real]
+    if not real.all():
+        lo, hi = lo[real], hi[real]
     row = lo // stride
+    base = row * stride
+    lo -= base
+    hi -= base
     count = np.bincount(row, minlength=n)
-    slot = np.arange(len(row)) - (np.cumsum(count) - count)[row]  # intervals before it in its row
     width = max(int(count.max()), 1)
+    at = np.arange(len(row), dtype=np.int64)
+    at -= (np.cumsum(count) - count)[row]  # intervals before it in its row
+    at += row * width
     out_lo = np.zeros(n * width, dtype=np.int64)
     out_hi = np.zeros(n * width, dtype=np.int64)
-    at = row * width + slot
-    base = row * stride
-    out_lo[at] = lo - base
-    out_hi[at] = hi - base
+    out_lo[at] = lo
+    out_hi[at] = hi
     return Rows(out_lo.reshape(n, width), out_hi.reshape(n, width))
 
 
