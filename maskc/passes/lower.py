@@ -44,8 +44,9 @@ class Bounds:
     def maybe(self) -> iv.Rows:
         return self.sure if self.maybe_ is None else self.maybe_
 
-    def take(self, rows) -> "Bounds":
-        return Bounds(self.sure.take(rows), None if self.exact else self.maybe_.take(rows))
+    def map(self, f) -> "Bounds":
+        """``f`` (``Rows -> Rows``) applied to both bounds."""
+        return Bounds(f(self.sure), None if self.exact else f(self.maybe_))
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,7 @@ def _placed(n: int, r, bounds: Bounds) -> Bounds:
     """``bounds`` of the rows ``r`` (each at most once) as the ``n``-row form."""
     if isinstance(r, slice) and r == slice(0, n):
         return bounds
-    sure = iv.scatter(bounds.sure, r, n)
-    return Bounds(sure) if bounds.exact else Bounds(sure, iv.scatter(bounds.maybe, r, n))
+    return bounds.map(lambda form: iv.scatter(form, r, n))
 
 
 def _ranges_in(ranges: list[ir.Range], rows: RowScope):
@@ -164,9 +164,8 @@ def _documents_in(documents: list[ir.Documents], rows: RowScope):
     inner = documents[0].inner
     if isinstance(inner, ir.Full):  # every key of the document
         return r, _exact(iv.span(start, np.repeat(k0 + lk, count), len(start)))
-    b = _in_documents(inner, rows.i[r] - np.repeat(q0, count), count, lq, lk)
-    sure = iv.shift(b.sure, start)
-    return r, Bounds(sure) if b.exact else Bounds(sure, iv.shift(b.maybe, start))
+    local = _in_documents(inner, rows.i[r] - np.repeat(q0, count), count, lq, lk)
+    return r, local.map(lambda form: iv.shift(form, start))
 
 
 def _in_documents(inner: ir.Mask, i: np.ndarray, count: np.ndarray, lq: np.ndarray, lk: np.ndarray) -> Bounds:
@@ -185,7 +184,8 @@ def _in_documents(inner: ir.Mask, i: np.ndarray, count: np.ndarray, lq: np.ndarr
             first = np.cumsum(q_lengths) - q_lengths  # where each shape's rows start
             shared = RowScope(np.arange(q_lengths.sum()) - np.repeat(first, q_lengths),
                               np.repeat(q_lengths, q_lengths), np.repeat(k_lengths, q_lengths))
-            return lower(inner, shared, {}).take(np.repeat(first[shape_of.reshape(-1)], count) + i)
+            at = np.repeat(first[shape_of.reshape(-1)], count) + i
+            return lower(inner, shared, {}).map(lambda form: form.take(at))
     return lower(inner, RowScope(i, np.repeat(lq, count), np.repeat(lk, count)), {})
 
 
