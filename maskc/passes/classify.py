@@ -83,7 +83,7 @@ def _filled(rows: iv.Rows, kv_len: int, bk: int, n_kv: int):
     lo[none] = n_kv
     hi[none] = n_kv
     # canonical rows are sorted with padding last; the moved ones must go last too
-    if lo.shape[1] > 1:
+    if lo.shape[1] > 1 and not (lo[:, 1:] >= lo[:, :-1]).all():
         order = np.argsort(lo, axis=1, kind="stable")
         lo, hi = np.take_along_axis(lo, order, 1), np.take_along_axis(hi, order, 1)
     return lo, hi
