@@ -65,13 +65,31 @@ class RowScope:
         return RowScope(self.i[at], self.q_len[at], self.kv_len[at])
 
 
-def lower(mask: ir.Mask, rows: RowScope, memo: dict | None = None) -> Bounds:
-    """``Bounds`` of ``mask`` on ``rows``, in the scope's local key coordinates."""
-    memo = {} if memo is None else memo
-    key = mask
-    if key not in memo:
-        memo[key] = _RULES[type(mask)](mask, rows, memo)
-    return memo[key]
+def lower(mask: ir.Mask, rows: RowScope, memo: dict) -> Bounds:
+    """``Bounds`` of ``mask`` on ``rows``, in the scope's local key coordinates. ``memo`` keeps
+    the results, on these rows, of the expressions it has a key for (``repeated``); lowering
+    on other rows takes ``dict.fromkeys(memo)``."""
+    out = memo.get(mask)
+    if out is None:
+        out = _RULES[type(mask)](mask, rows, memo)
+        if mask in memo:
+            memo[mask] = out
+    return out
+
+
+def repeated(mask: ir.Mask) -> dict:
+    """A memo for ``lower`` with a key for every sub-expression met more than once in ``mask``
+    (equal ones are one): those are lowered once, and nothing else is kept while the rest is
+    lowered (the result of every node of a wide expression would be hundreds of MB)."""
+    seen, memo, stack = set(), {}, [mask]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            memo[x] = None
+        else:
+            seen.add(x)
+            stack += [child for _, child in x.children()]
+    return memo
 
 
 def _exact(rows: iv.Rows) -> Bounds:
@@ -107,7 +125,7 @@ def _range(m: ir.Range, rows: RowScope, memo) -> Bounds:
 
 
 def _documents(m: ir.Documents, rows: RowScope, memo) -> Bounds:
-    return _placed(rows.n, *_documents_in([m], rows))
+    return _placed(rows.n, *_documents_in([m], rows, memo))
 
 
 def _ascending(x: np.ndarray) -> bool:
@@ -150,7 +168,7 @@ def _ranges_in(ranges: list[ir.Range], rows: RowScope):
     return r, _exact(iv.span(np.repeat(c, count), hi, len(hi)))
 
 
-def _documents_in(documents: list[ir.Documents], rows: RowScope):
+def _documents_in(documents: list[ir.Documents], rows: RowScope, memo: dict):
     """``Documents`` nodes with one ``inner`` on ``rows``, their documents taken together
     (they may overlap): the ``rows`` index of each pair of a row and a document that
     holds it (see ``_pairs``) and the pairs' ``Bounds`` in the scope's keys."""
@@ -164,11 +182,12 @@ def _documents_in(documents: list[ir.Documents], rows: RowScope):
     inner = documents[0].inner
     if isinstance(inner, ir.Full):  # every key of the document
         return r, _exact(iv.span(start, np.repeat(k0 + lk, count), len(start)))
-    local = _in_documents(inner, rows.i[r] - np.repeat(q0, count), count, lq, lk)
+    local = _in_documents(inner, rows.i[r] - np.repeat(q0, count), count, lq, lk, dict.fromkeys(memo))
     return r, local.map(lambda form: iv.shift(form, start))
 
 
-def _in_documents(inner: ir.Mask, i: np.ndarray, count: np.ndarray, lq: np.ndarray, lk: np.ndarray) -> Bounds:
+def _in_documents(inner: ir.Mask, i: np.ndarray, count: np.ndarray, lq: np.ndarray, lk: np.ndarray,
+                  memo: dict) -> Bounds:
     """``Bounds`` of ``inner`` on the local rows ``i``, the first ``count[0]`` in a document of
     shape ``(lq[0], lk[0])``, the next ``count[1]`` in one of ``(lq[1], lk[1])``, and so on.
 
@@ -185,8 +204,8 @@ def _in_documents(inner: ir.Mask, i: np.ndarray, count: np.ndarray, lq: np.ndarr
             shared = RowScope(np.arange(q_lengths.sum()) - np.repeat(first, q_lengths),
                               np.repeat(q_lengths, q_lengths), np.repeat(k_lengths, q_lengths))
             at = np.repeat(first[shape_of.reshape(-1)], count) + i
-            return lower(inner, shared, {}).map(lambda form: form.take(at))
-    return lower(inner, RowScope(i, np.repeat(lq, count), np.repeat(lk, count)), {})
+            return lower(inner, shared, memo).map(lambda form: form.take(at))
+    return lower(inner, RowScope(i, np.repeat(lq, count), np.repeat(lk, count)), memo)
 
 
 def _opaque(m, rows: RowScope, memo) -> Bounds:
@@ -230,8 +249,10 @@ def _reached(mask: ir.Mask, rows: RowScope, ordered: bool):
 
 def _intersect(m: ir.And, rows: RowScope, memo) -> Bounds:
     at, n_at = _reached(m, rows, _ascending(rows.i))
+    if n_at == 0:
+        return _empty(m, rows, memo)
     if n_at < rows.n:  # lowered on the rows every operand reaches
-        return _placed(rows.n, at, lower(m, rows.take(at), {})) if n_at else _empty(m, rows, memo)
+        return _placed(rows.n, at, lower(m, rows.take(at), dict.fromkeys(memo)))
     if not m.of:
         return _full(m, rows, memo)
     out = lower(m.of[0], rows, memo)
@@ -258,10 +279,10 @@ def _union(m: ir.Or, rows: RowScope, memo) -> Bounds:
             if n_at == rows.n:
                 parts.append((slice(None), lower(x, rows, memo)))
             elif n_at:
-                parts.append((at, lower(x, rows.take(at), {})))
+                parts.append((at, lower(x, rows.take(at), dict.fromkeys(memo))))
     if ranges:
         parts.append(_ranges_in(ranges, rows))
-    parts += [_documents_in(group, rows) for group in documents.values()]
+    parts += [_documents_in(group, rows, memo) for group in documents.values()]
     sure = iv.union(rows.n, [(at, b.sure) for at, b in parts])
     if all(b.exact for _, b in parts):
         return _exact(sure)
@@ -297,7 +318,7 @@ def lower_spec_head(mask: ir.Mask, q_len: int, kv_len: int) -> Bounds:
     n = q_len
     rows = RowScope(np.arange(n, dtype=np.int64), np.broadcast_to(np.int64(q_len), (n,)),
                     np.broadcast_to(np.int64(kv_len), (n,)))
-    return lower(mask, rows)
+    return lower(mask, rows, repeated(mask))
 
 
 @dataclass(frozen=True)
