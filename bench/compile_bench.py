@@ -369,9 +369,9 @@ def run(repeats: int) -> tuple[list[dict], list[str]]:
         flex_peak = None  # (n, peak MB) of this kind's last FlexAttention run; None stops trying
         for n in LENGTHS:
             ours = in_child("maskc", kind, n, repeats)
-            print(f"{kind:16} {fmt_n(n):>5} maskc {1e3 * ours['seconds']:9.1f} ms  first {1e3 * ours['first_seconds']:.1f} "
-                  f"ms  peak +{ours['peak_mb']:7.1f} MB (traced {ours['traced_mb']:.1f} MB, nbytes "
-                  f"{ours['nbytes_mb']:.1f} MB)", flush=True)
+            print(f"{kind:16} {fmt_n(n):>5} maskc {1e3 * ours['seconds']:9.1f} ms  first "
+                  f"{1e3 * ours['first_seconds']:.1f} ms  peak +{ours['peak_mb']:7.1f} MB (traced "
+                  f"{ours['traced_mb']:.1f} MB, nbytes {ours['nbytes_mb']:.1f} MB)", flush=True)
             flex = None
             if n in FLEX_SURE:
                 flex = in_child("flex", kind, n, 1)

@@ -144,7 +144,8 @@ def test_cached_hash_and_starts_are_neither_compared_nor_copied():
     assert moved.starts()[0].tolist() == [1, 3, 5]
     assert hash(moved) == hash(maskc.Documents(lengths=[2, 2], inner=maskc.Causal(), q_start=1))
     assert pickle.loads(pickle.dumps(documents)) == documents
-    assert "_hash" not in documents.model_dump() and "_starts" not in maskc.Spec(q_len=4, kv_len=4, mask=documents).dumps()
+    assert "_hash" not in documents.model_dump()
+    assert "_starts" not in maskc.Spec(q_len=4, kv_len=4, mask=documents).dumps()
 
 
 def test_nodes_and_specs_are_immutable():
