@@ -289,7 +289,7 @@ def test_million_token_document_causal_compiles_quickly_and_small():
     start = time.perf_counter()
     cm = maskc.compile(spec, block)
     elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"compile took {elapsed:.2f} s"  # the benchmark's target is 0.1 s; this is a smoke bound
+    assert elapsed < 2.0, f"compile took {elapsed:.2f} s"  # the benchmark's target is 80 ms; this is a smoke bound
     n_q = cm.n_q_blocks
     assert cm.table.nbytes < 1 << 20 and cm.nbytes < 64 << 20  # vs n_q * n_q = 64M tiles
     assert cm.empty_rows.numel() == 0 and cm.empty_cols.numel() == 0

@@ -15,9 +15,10 @@ intervals, so they are deduplicated first and the rest is one sorted sweep
 never with ``q_blocks * kv_blocks``.
 
 Where the bounds are not exact (``Dense``, ``Predicate``), tiles that meet
-``maybe \\ sure`` are *undecided*: the whole expression is evaluated on each of
-them, a tile at a time, and they are classified from that. Every PARTIAL tile
-of such a head keeps its bit pattern (deduplicated) for the kernels.
+``maybe \\ sure`` are *undecided*: the whole expression is evaluated on them, in
+batches of about ``EVAL_BATCH`` elements, and they are classified from that.
+Every PARTIAL tile of such a head keeps its bit pattern (deduplicated) for the
+kernels.
 
 The result for one head is a ``BlockMap``: runs ``(q_block, [kv0, kv1))`` of
 FULL and of PARTIAL tiles, sorted by query block then key block.
