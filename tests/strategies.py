@@ -198,3 +198,52 @@ def specs(draw, max_len: int = MAX_LEN, max_heads: int = 4, depth: int = 3, dens
     pool = draw(st.lists(one, min_size=1, max_size=3))
     heads = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=max_heads))
     return maskc.Spec(q_len=q_len, kv_len=kv_len, mask=heads)
+
+
+def _cuts(rng, total: int, count: int) -> list[int]:
+    """``count`` lengths summing to ``total``, cut at random points (zeros where cuts coincide)."""
+    return np.diff([0, *np.sort(rng.integers(0, total + 1, count - 1)), total]).tolist()
+
+
+@st.composite
+def many_terms(draw, q_len: int, kv_len: int, options: Options = Options(dense=False)):
+    """An ``Or`` of 100 to 300 small terms of a ``(q_len, kv_len)`` spec, or an ``And`` of their
+    complements (so that it keeps holes). The terms: ranges; documents placed anywhere, with
+    one of three ``inner``s; a packing cut into one-document pieces, in a random order among
+    the rest (simplification joins them back); leaves cut to a range. Hypothesis draws the
+    ``inner``s, the leaves and a seed; the seed places the hundreds of terms."""
+    # inners for documents of any shape: Ranges read literally, no Dense
+    inners = draw(st.lists(masks(Scope((0, 0), (q_len, kv_len), None, in_documents=True), 1, options),
+                           min_size=3, max_size=3))
+    pool = draw(st.lists(leaves(Scope.of_spec(q_len, kv_len), options), min_size=1, max_size=4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def part(total: int, widest: int) -> tuple[int, int]:
+        start = int(rng.integers(0, total + 1))
+        return start, int(rng.integers(start, min(total, start + widest) + 1))
+
+    def small_range():
+        return maskc.Range(q=part(q_len, 6), kv=part(kv_len, 6))
+
+    def documents():
+        count = int(rng.integers(1, 4))
+        (q0, q1), (k0, k1) = part(q_len, 3 * count), part(kv_len, 3 * count)
+        return maskc.Documents(lengths=_cuts(rng, q1 - q0, count), kv_lengths=_cuts(rng, k1 - k0, count),
+                               q_start=q0, kv_start=k0, inner=inners[rng.integers(3)])
+
+    count = int(rng.integers(1, min(q_len, kv_len) + 1))
+    q_starts = np.cumsum([0, *_cuts(rng, q_len, count)]).tolist()
+    k_starts = np.cumsum([0, *_cuts(rng, kv_len, count)]).tolist()
+    terms = [maskc.Documents(lengths=[q1 - q0], kv_lengths=[k1 - k0], q_start=q0, kv_start=k0, inner=inners[0])
+             for q0, q1, k0, k1 in zip(q_starts, q_starts[1:], k_starts, k_starts[1:])]
+    for kind in rng.choice(["range", "documents", "documents", "cut"], int(rng.integers(100, 301)) - count):
+        if kind == "range":
+            terms.append(small_range())
+        elif kind == "documents":
+            terms.append(documents())
+        else:
+            terms.append(small_range() & pool[rng.integers(len(pool))])
+    terms = [terms[k] for k in rng.permutation(len(terms))]
+    if draw(st.booleans()):
+        return maskc.Or(of=terms)
+    return maskc.And(of=[~x for x in terms] + pool[: rng.integers(len(pool))])

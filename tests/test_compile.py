@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskc
@@ -17,7 +17,7 @@ from maskc.ir import is_opaque, walk
 from maskc.passes.simplify import simplify
 from maskc.passes.tables import IndexTable
 from oracle import block_kinds, dense_mask, spec_masks
-from strategies import Options, Scope, block_sizes, masks, specs
+from strategies import Options, Scope, block_sizes, many_terms, masks, specs
 
 SPECS = specs(huge=True)
 
@@ -289,7 +289,7 @@ def test_million_token_document_causal_compiles_quickly_and_small():
     start = time.perf_counter()
     cm = maskc.compile(spec, block)
     elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"compile took {elapsed:.2f} s"  # the benchmark's target is 0.1 s; this is a smoke bound
+    assert elapsed < 2.0, f"compile took {elapsed:.2f} s"  # the benchmark's target is 80 ms; this is a smoke bound
     n_q = cm.n_q_blocks
     assert cm.table.nbytes < 1 << 20 and cm.nbytes < 64 << 20  # vs n_q * n_q = 64M tiles
     assert cm.empty_rows.numel() == 0 and cm.empty_cols.numel() == 0
@@ -302,6 +302,30 @@ def test_million_token_document_causal_compiles_quickly_and_small():
         runs = cm.table.forward.runs_of(0, qb, True) + cm.table.forward.runs_of(0, qb, False)
         assert min(r[0] for r in runs) == doc_start // block
         assert max(r[1] for r in runs) == qb + 1
+
+
+def _least_process_seconds(spec, block: int, repeats: int = 3) -> float:
+    """The least CPU time of ``repeats`` compiles (after one): steadier than wall time on a shared machine."""
+    maskc.compile(spec, block)
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        maskc.compile(spec, block)
+        times.append(time.process_time() - start)
+    return min(times)
+
+
+@pytest.mark.parametrize("combine", ["or", "and"])
+def test_compile_time_of_many_terms_grows_linearly_with_them(combine):
+    def spec(n):  # n documents side by side, each reading the keys after its queries (issue 20's repro)
+        terms = [maskc.Documents(lengths=[16], q_start=32 * k, kv_start=32 * k + 16, inner=maskc.Causal())
+                 for k in range(n)]
+        mask = maskc.Or(of=terms) if combine == "or" else maskc.And(of=[~x for x in terms])
+        return maskc.Spec(q_len=(2 * n + 2) * 16, kv_len=(2 * n + 2) * 16, mask=mask)
+
+    small, large = (_least_process_seconds(spec(n), 128) for n in (200, 800))
+    # 4x the terms and tokens: about 4x the time when linear, 16x when quadratic (it was 22x)
+    assert large < 8 * small, f"{1e3 * small:.1f} ms -> {1e3 * large:.1f} ms"
 
 
 # -- what users look at ------------------------------------------------------------------------------
@@ -335,3 +359,22 @@ def test_plot_writes_a_png(tmp_path):
     spec = maskc.Spec(q_len=40, kv_len=40, mask=maskc.Documents(lengths=[10, 20]) & maskc.Causal())
     maskc.compile(spec, 8).plot(tmp_path / "map.png")
     assert (tmp_path / "map.png").read_bytes().startswith(b"\x89PNG")
+
+
+# -- masks of hundreds of terms ----------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 40), st.integers(1, 40), block_sizes, st.data())
+def test_or_and_and_of_hundreds_of_terms_match_oracle_exactly(q_len, kv_len, block_size, data):
+    mask = data.draw(many_terms(q_len, kv_len))
+    spec = maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask)
+    cm, dense, expected = compiled_and_oracle(spec, block_size)
+    np.testing.assert_array_equal(cm.block_kinds.numpy(), expected)
+    np.testing.assert_array_equal(cm.dense().numpy(), dense[0])
+    np.testing.assert_array_equal(cm.empty_rows.numpy(), np.flatnonzero(~dense[0].any(1)))
+    np.testing.assert_array_equal(cm.empty_cols.numpy(), np.flatnonzero(~dense[0].any(0)))
+    assert cm.allowed_pairs() == int(dense.sum())
+    simple = cm.simplified.mask
+    np.testing.assert_array_equal(dense_mask(simple, q_len, kv_len), dense[0])
+    assert simplify(simple) == simple

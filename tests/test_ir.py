@@ -4,6 +4,7 @@ input of issue 2 raising an error that names what is wrong."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -130,6 +131,21 @@ def test_equal_structures_are_equal_and_hash_alike():
                  maskc.SlidingWindow(left=None, right=0), maskc.Dense(values=~values), maskc.Dense(values=values)]
     assert len(set(different)) == len(different)
     assert maskc.Spec(q_len=3, kv_len=3, mask=maskc.Full()) != maskc.Spec(q_len=3, kv_len=3, mask=[maskc.Full()])
+
+
+def test_cached_hash_and_starts_are_neither_compared_nor_copied():
+    documents = maskc.Documents(lengths=[3, 1], inner=maskc.Causal())
+    hash(documents)
+    q_start, _ = documents.starts()
+    assert q_start.tolist() == [0, 3, 4] and documents == maskc.Documents(lengths=[3, 1], inner=maskc.Causal())
+    with pytest.raises(ValueError):
+        q_start[0] = 1  # shared by every caller: read-only
+    moved = documents.model_copy(update={"lengths": (2, 2), "q_start": 1})
+    assert moved.starts()[0].tolist() == [1, 3, 5]
+    assert hash(moved) == hash(maskc.Documents(lengths=[2, 2], inner=maskc.Causal(), q_start=1))
+    assert pickle.loads(pickle.dumps(documents)) == documents
+    assert "_hash" not in documents.model_dump()
+    assert "_starts" not in maskc.Spec(q_len=4, kv_len=4, mask=documents).dumps()
 
 
 def test_nodes_and_specs_are_immutable():

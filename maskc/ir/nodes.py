@@ -116,6 +116,17 @@ class Mask(BaseModel, metaclass=NodeMeta):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_kind_is_required)
+    # what a node derives from its fields, computed once: a slot is not a field, so it is
+    # neither compared, copied (``model_copy`` starts afresh), dumped nor pickled
+    __slots__ = ("_hash",)
+
+    def __hash__(self) -> int:
+        # the passes key their tables by expressions; without the cache every lookup rehashes the tree
+        try:
+            return self._hash
+        except AttributeError:
+            object.__setattr__(self, "_hash", hash(tuple(self.__dict__.values())))
+            return self._hash
 
     # -- building expressions -------------------------------------------------
     def __and__(self, other: "Mask") -> "And":
@@ -345,6 +356,8 @@ class Documents(Mask):
     ``###../...##``.
     """
 
+    __slots__ = ("_starts",)
+
     kind: Literal["documents"] = "documents"
     lengths: tuple[NonNegative, ...]
     kv_lengths: Optional[tuple[NonNegative, ...]] = None
@@ -365,12 +378,18 @@ class Documents(Mask):
         return self.lengths if self.kv_lengths is None else self.kv_lengths
 
     def starts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Query and key start of every document (``int64[n_docs + 1]``, last = end)."""
-        q = np.full(len(self.lengths) + 1, self.q_start, dtype=np.int64)
-        k = np.full(len(self.lengths) + 1, self.kv_start, dtype=np.int64)
-        q[1:] += np.cumsum(self.lengths, dtype=np.int64)
-        k[1:] += np.cumsum(self.key_lengths, dtype=np.int64)
-        return q, k
+        """Query and key start of every document (``int64[n_docs + 1]``, last = end; read-only,
+        computed once)."""
+        try:
+            return self._starts
+        except AttributeError:
+            q = np.full(len(self.lengths) + 1, self.q_start, dtype=np.int64)
+            k = np.full(len(self.lengths) + 1, self.kv_start, dtype=np.int64)
+            q[1:] += np.cumsum(self.lengths, dtype=np.int64)
+            k[1:] += np.cumsum(self.key_lengths, dtype=np.int64)
+            q.flags.writeable = k.flags.writeable = False
+            object.__setattr__(self, "_starts", (q, k))
+            return self._starts
 
     def children(self):
         return [("inner", self.inner)]

@@ -15,9 +15,10 @@ intervals, so they are deduplicated first and the rest is one sorted sweep
 never with ``q_blocks * kv_blocks``.
 
 Where the bounds are not exact (``Dense``, ``Predicate``), tiles that meet
-``maybe \\ sure`` are *undecided*: the whole expression is evaluated on each of
-them, a tile at a time, and they are classified from that. Every PARTIAL tile
-of such a head keeps its bit pattern (deduplicated) for the kernels.
+``maybe \\ sure`` are *undecided*: the whole expression is evaluated on them, in
+batches of about ``EVAL_BATCH`` elements, and they are classified from that.
+Every PARTIAL tile of such a head keeps its bit pattern (deduplicated) for the
+kernels.
 
 The result for one head is a ``BlockMap``: runs ``(q_block, [kv0, kv1))`` of
 FULL and of PARTIAL tiles, sorted by query block then key block.
@@ -62,29 +63,38 @@ class BlockMap:
     col_hits: Optional[np.ndarray] = None
 
 
-def _block_spans(rows: iv.Rows, kv_len: int, bk: int, n_kv: int):
-    """Per interval, the key blocks it touches and the ones it fills."""
-    real = rows.real()
-    touch_lo = np.where(real, rows.lo // bk, 0)
-    touch_hi = np.where(real, (rows.hi - 1) // bk + 1, 0)
-    fill_lo = -(-rows.lo // bk)
-    fill_hi = np.where(rows.hi >= kv_len, n_kv, rows.hi // bk)
-    filled = real & (fill_lo < fill_hi)
-    return touch_lo, touch_hi, np.where(filled, fill_lo, 0), np.where(filled, fill_hi, 0)
+def _ceil_div(x: np.ndarray, b: int) -> np.ndarray:
+    out = x + (b - 1)
+    out //= b
+    return out
 
 
-def _unfilled(fill_lo, fill_hi, n_kv: int):
-    """Per row, the key blocks it does not fill (raw gaps; empty ones are harmless)."""
-    real = fill_lo < fill_hi
-    lo = np.where(real, fill_lo, n_kv)
-    hi = np.where(real, fill_hi, n_kv)
-    # canonical rows are sorted with padding last, so the gaps are between neighbours
-    order = np.argsort(lo, axis=1, kind="stable") if lo.shape[1] > 1 else None
-    if order is not None:
+def _touched(rows: iv.Rows, bk: int):
+    """Per interval, the key blocks it touches (``[0, 0)`` for unused slots)."""
+    return rows.lo // bk, _ceil_div(rows.hi, bk)
+
+
+def _filled(rows: iv.Rows, kv_len: int, bk: int, n_kv: int):
+    """Per interval, the key blocks it fills, sorted per row; ``[n_kv, n_kv)`` where it fills none."""
+    lo = _ceil_div(rows.lo, bk)
+    hi = rows.hi // bk
+    if kv_len % bk:  # the last block is cut short: an interval reaching the end fills it
+        hi[rows.hi >= kv_len] = n_kv
+    none = lo >= hi
+    lo[none] = n_kv
+    hi[none] = n_kv
+    # canonical rows are sorted with padding last; the moved ones must go last too
+    if lo.shape[1] > 1 and not (lo[:, 1:] >= lo[:, :-1]).all():
+        order = np.argsort(lo, axis=1, kind="stable")
         lo, hi = np.take_along_axis(lo, order, 1), np.take_along_axis(hi, order, 1)
-    zero = np.zeros((lo.shape[0], 1), dtype=np.int64)
-    end = np.full((lo.shape[0], 1), n_kv, dtype=np.int64)
-    return np.concatenate([zero, hi], axis=1), np.concatenate([lo, end], axis=1)
+    return lo, hi
+
+
+def _gaps(fill_lo, fill_hi, n_kv: int):
+    """Per row, the key blocks between its sorted filled runs (some empty: harmless)."""
+    zero = np.zeros((fill_lo.shape[0], 1), dtype=np.int64)
+    end = np.full((fill_lo.shape[0], 1), n_kv, dtype=np.int64)
+    return np.concatenate([zero, fill_hi], axis=1), np.concatenate([fill_lo, end], axis=1)
 
 
 def _items(group, lo, hi):
@@ -94,19 +104,14 @@ def _items(group, lo, hi):
 
 def classify(bounds: Bounds, mask: ir.Mask, q_len: int, kv_len: int, bq: int, bk: int) -> BlockMap:
     n_q, n_kv = -(-q_len // bq), -(-kv_len // bk)
-    t_lo, t_hi, f_lo, f_hi = _block_spans(bounds.sure, kv_len, bk, n_kv)
+    columns = [*_touched(bounds.maybe, bk), *_filled(bounds.sure, kv_len, bk, n_kv)]
     if not bounds.exact:
-        t_lo, t_hi, _, _ = _block_spans(bounds.maybe, kv_len, bk, n_kv)
-    g_lo, g_hi = _unfilled(f_lo, f_hi, n_kv)
-    columns = [t_lo, t_hi, g_lo, g_hi]
-    if not bounds.exact:
-        undecided = iv.intersect(bounds.maybe, iv.complement(bounds.sure, kv_len))
-        u_lo, u_hi, _, _ = _block_spans(undecided, kv_len, bk, n_kv)
-        columns += [u_lo, u_hi]
+        columns += _touched(iv.intersect(bounds.maybe, iv.complement(bounds.sure, kv_len)), bk)
     block = np.arange(q_len, dtype=np.int64) // bq
     keep = iv.distinct_consecutive([block[:, None]] + columns)
     block = block[keep]
     columns = [c[keep] for c in columns]
+    columns[2:4] = _gaps(columns[2], columns[3], n_kv)
     sets = [
         _items(block, columns[0], columns[1]),
         _items(block, columns[2], columns[3]),
@@ -134,23 +139,24 @@ def _tile_indices(qb, kb, q_len, kv_len, bq, bk):
     return i, j, i < q_len, j < kv_len
 
 
-def _evaluate_tiles(mask, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
-    """``bool[T, bq, bk]``: the expression on tiles ``(qb[t], kb[t])``, out-of-range positions False."""
-    out = np.zeros((len(qb), bq, bk), dtype=bool)
+def _evaluated_batches(mask, qb, kb, q_len, kv_len, bq, bk):
+    """Per batch of about ``EVAL_BATCH`` elements of the tiles ``(qb[t], kb[t])``: the tiles'
+    ``slice``, ``bool[b, bq, bk]`` of the expression on them (out-of-range positions False)
+    and their ``_tile_indices``."""
     per_batch = max(1, EVAL_BATCH // (bq * bk))
     start, shown = time.perf_counter(), False
     for s in range(0, len(qb), per_batch):
-        i, j, i_ok, j_ok = _tile_indices(qb[s:s + per_batch], kb[s:s + per_batch], q_len, kv_len, bq, bk)
+        at = slice(s, s + per_batch)
+        i, j, i_ok, j_ok = _tile_indices(qb[at], kb[at], q_len, kv_len, bq, bk)
         ii = np.minimum(i, q_len - 1)[:, :, None]
         jj = np.minimum(j, kv_len - 1)[:, None, :]
-        out[s:s + per_batch] = mask.allowed(ii, jj, q_len, kv_len) & i_ok[:, :, None] & j_ok[:, None, :]
+        yield at, mask.allowed(ii, jj, q_len, kv_len) & i_ok[:, :, None] & j_ok[:, None, :], (i, j, i_ok, j_ok)
         if time.perf_counter() - start > 2.0 and sys.stderr.isatty():
             shown = True
             print(f"\r[maskc] evaluating undecided tiles {min(s + per_batch, len(qb))}/{len(qb)}",
                   end="", file=sys.stderr, flush=True)
     if shown:
         print(file=sys.stderr)
-    return out
 
 
 def _rows_tiles(rows: iv.Rows, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
@@ -162,34 +168,44 @@ def _rows_tiles(rows: iv.Rows, qb, kb, q_len, kv_len, bq, bk) -> np.ndarray:
     return out
 
 
+def _packed(tiles: np.ndarray) -> np.ndarray:
+    """``uint8[T, ceil(bq * bk / 8)]``: the bits of ``bool[T, bq, bk]`` tiles, packed."""
+    t, bq, bk = tiles.shape
+    return np.packbits(tiles.reshape(t, bq * bk), axis=1)
+
+
 def _decide(out, bounds, mask, q_len, kv_len, bq, bk, n_q, n_kv) -> BlockMap:
+    """The undecided tiles evaluated a batch at a time; only the bits of PARTIAL ones are kept
+    (packed), so memory grows with the PARTIAL tiles, not with the undecided ones."""
     uq, uk = out["undecided"].cells()
-    values = _evaluate_tiles(mask, uq, uk, q_len, kv_len, bq, bk)
-    i, j, i_ok, j_ok = _tile_indices(uq, uk, q_len, kv_len, bq, bk)
-    row_hits = np.unique(i[values.any(axis=2) & i_ok])
-    col_hits = np.unique(j[values.any(axis=1) & j_ok])
-    cells = i_ok.sum(1) * j_ok.sum(1)
-    hits = values.sum(axis=(1, 2))
-    now_full = hits == cells
-    now_partial = (hits > 0) & ~now_full
-
-    pq, pk = out["partial"].cells()
-    known = _rows_tiles(bounds.sure, pq, pk, q_len, kv_len, bq, bk)
-    tiles_q = np.concatenate([pq, uq[now_partial]])
-    tiles_k = np.concatenate([pk, uk[now_partial]])
-    bits = np.concatenate([known, values[now_partial]])
-    order = np.lexsort((tiles_k, tiles_q))
-    tiles_q, tiles_k, bits = tiles_q[order], tiles_k[order], bits[order]
-    packed = np.packbits(bits.reshape(len(bits), bq * bk), axis=1)
-    _, first, pattern_of = np.unique(packed, axis=0, return_index=True, return_inverse=True)
-
+    row_hit, col_hit = np.zeros(q_len, dtype=bool), np.zeros(kv_len, dtype=bool)
     fq, fk = out["full"].cells()
-    full = iv.sweep([(np.concatenate([fq, uq[now_full]]), np.concatenate([fk, uk[now_full]]),
-                      np.concatenate([fk, uk[now_full]]) + 1)], n_kv, {"full": lambda c: c[0] > 0})["full"]
+    pq, pk = out["partial"].cells()
+    full_q, full_k, part_q, part_k = [fq], [fk], [pq], [pk]
+    bits = [_packed(_rows_tiles(bounds.sure, pq, pk, q_len, kv_len, bq, bk))]
+    for at, values, (i, j, i_ok, j_ok) in _evaluated_batches(mask, uq, uk, q_len, kv_len, bq, bk):
+        row_hit[i[values.any(axis=2) & i_ok]] = True
+        col_hit[j[values.any(axis=1) & j_ok]] = True
+        hits = values.sum(axis=(1, 2))
+        now_full = hits == i_ok.sum(1) * j_ok.sum(1)
+        now_partial = (hits > 0) & ~now_full
+        full_q.append(uq[at][now_full])
+        full_k.append(uk[at][now_full])
+        part_q.append(uq[at][now_partial])
+        part_k.append(uk[at][now_partial])
+        bits.append(_packed(values[now_partial]))
+    tiles_q, tiles_k, packed = np.concatenate(part_q), np.concatenate(part_k), np.concatenate(bits)
+    order = np.lexsort((tiles_k, tiles_q))
+    tiles_q, tiles_k, packed = tiles_q[order], tiles_k[order], packed[order]
+    distinct, pattern_of = np.unique(packed, axis=0, return_inverse=True)
+    patterns = np.unpackbits(distinct, axis=1, count=bq * bk).astype(bool).reshape(-1, bq, bk)
+
+    fq, fk = np.concatenate(full_q), np.concatenate(full_k)
+    full = iv.sweep([(fq, fk, fk + 1)], n_kv, {"full": lambda c: c[0] > 0})["full"]
     return BlockMap(
         n_q, n_kv, full, Runs(tiles_q, tiles_k, tiles_k + 1),
-        patterns=bits[first], pattern_of=pattern_of.reshape(-1).astype(np.int64),
-        row_hits=row_hits, col_hits=col_hits,
+        patterns=patterns, pattern_of=pattern_of.reshape(-1).astype(np.int64),
+        row_hits=np.flatnonzero(row_hit), col_hits=np.flatnonzero(col_hit),
     )
 
 

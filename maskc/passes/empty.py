@@ -20,15 +20,15 @@ from .pipeline import Pass
 
 def covered_keys(rows: iv.Rows, kv_len: int) -> np.ndarray:
     """``bool[kv_len]``: keys allowed for at least one row."""
-    real = rows.real()
-    starts = np.bincount(rows.lo[real], minlength=kv_len + 1)
-    stops = np.bincount(rows.hi[real], minlength=kv_len + 1)
+    # unused slots are [0, 0): their start and end cancel
+    starts = np.bincount(rows.lo.ravel(), minlength=kv_len + 1)
+    stops = np.bincount(rows.hi.ravel(), minlength=kv_len + 1)
     return np.cumsum(starts - stops)[:kv_len] > 0
 
 
 def empty_rows_cols(bounds: Bounds, block_map: BlockMap, kv_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted ``int64`` positions of empty query rows and empty key columns."""
-    has_key = bounds.sure.counts() > 0
+    has_key = bounds.sure.real()[:, 0]  # canonical rows hold their intervals first
     covered = covered_keys(bounds.sure, kv_len)
     if not bounds.exact:
         has_key[block_map.row_hits] = True

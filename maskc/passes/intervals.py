@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_FAR = np.iinfo(np.int64).max // 4
-
-
 @dataclass(frozen=True)
 class Rows:
-    """Per-row unions of half-open intervals ``[lo, hi)`` (``int64[R, m]``)."""
+    """Per-row unions of half-open intervals ``[lo, hi)`` (``int64[R, m]``). The arrays are
+    never written once built, so forms may share them."""
 
     lo: np.ndarray
     hi: np.ndarray
@@ -73,46 +71,73 @@ def empty_rows(n: int) -> Rows:
 
 
 def span(lo, hi, n: int) -> Rows:
-    """One interval per row, clipped to nothing where ``lo >= hi``."""
-    lo = np.broadcast_to(np.asarray(lo, dtype=np.int64), (n,))
-    hi = np.broadcast_to(np.asarray(hi, dtype=np.int64), (n,))
-    real = lo < hi
-    return Rows(np.where(real, lo, 0)[:, None], np.where(real, hi, 0)[:, None])
+    """One interval per row, clipped to nothing where ``lo >= hi`` (scalars or ``int64[n]``)."""
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.int64), (n,))[:, None]
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.int64), (n,))[:, None]
+    return canonical(np.ascontiguousarray(lo), np.ascontiguousarray(hi))
 
 
 def canonical(lo: np.ndarray, hi: np.ndarray) -> Rows:
     """The canonical union of arbitrary (overlapping, unsorted) intervals per row."""
     n, m = lo.shape
+    if m > 1:
+        return union(n, [(slice(None), Rows(lo, hi))])
     real = lo < hi
-    if m == 1:
-        return Rows(np.where(real, lo, 0), np.where(real, hi, 0))
-    lo = np.where(real, lo, _FAR)
-    hi = np.where(real, hi, _FAR)
-    order = np.argsort(lo, axis=1, kind="stable")
-    lo = np.take_along_axis(lo, order, axis=1)
-    hi = np.take_along_axis(hi, order, axis=1)
-    reach = np.maximum.accumulate(hi, axis=1)
-    starts = np.ones_like(real)
-    starts[:, 1:] = lo[:, 1:] > reach[:, :-1]
-    starts &= lo < _FAR
-    ends = np.zeros_like(real)
-    ends[:, :-1] = starts[:, 1:]
-    ends[:, -1] = True
-    ends &= lo < _FAR
-    width = max(int(starts.sum(axis=1).max(initial=0)), 1)
-    slot = np.cumsum(starts, axis=1) - 1
-    out_lo = np.zeros((n, width), dtype=np.int64)
-    out_hi = np.zeros((n, width), dtype=np.int64)
-    r, c = np.nonzero(starts)
-    out_lo[r, slot[r, c]] = lo[r, c]
-    # a segment ends at the element before the next start (or the last real one)
-    last_real = np.zeros_like(real)
-    last_real[:, :-1] = (lo[:, 1:] >= _FAR) | starts[:, 1:]
-    last_real[:, -1] = True
-    last_real &= lo < _FAR
-    r, c = np.nonzero(last_real)
-    out_hi[r, slot[r, c]] = reach[r, c]
-    return Rows(out_lo, out_hi)
+    if real.all():
+        return Rows(lo, hi)
+    return Rows(np.where(real, lo, 0), np.where(real, hi, 0))
+
+
+def union(n: int, parts) -> Rows:
+    """The canonical ``n``-row form of the union of ``parts``, ``(rows, form)`` pairs where
+    ``form`` (``lo, hi: int64[r, m]``, any intervals, empty ones allowed, positions
+    ``>= 0``) holds the intervals of rows ``rows`` (an ``int64[r]`` index or a slice).
+
+    Every interval becomes a pair of keys ``row * stride + lo`` and ``row * stride + hi``
+    (``stride`` past every position, so rows never mix); after one sort by start, an
+    interval opens a new one of the result where it starts past the running maximum
+    of the ends before it (``[0, 3)`` and ``[3, 5)`` join).
+    """
+    parts = [(at, form) for at, form in parts if form.lo.size]
+    if not parts:
+        return empty_rows(n)
+    # past every position (n * stride stays far below 2**63 for any scope)
+    stride = max(max(int(form.lo.max()), int(form.hi.max())) for _, form in parts) + 1
+    size = sum(form.lo.size for _, form in parts)
+    key, end = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+    done = 0
+    for at, form in parts:  # written in place: these arrays are the largest of a compile
+        base = (np.arange(n, dtype=np.int64)[at] if isinstance(at, slice) else at)[:, None] * stride
+        np.add(base, form.lo, out=key[done:done + form.lo.size].reshape(form.lo.shape))
+        np.add(base, form.hi, out=end[done:done + form.hi.size].reshape(form.hi.shape))
+        done += form.lo.size
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    reach = np.maximum.accumulate(end[order], out=end)
+    del order
+    starts = np.ones(size, dtype=bool)
+    np.greater(key[1:], reach[:-1], out=starts[1:])
+    stops = np.ones(size, dtype=bool)  # where the next interval starts a new one
+    stops[:-1] = starts[1:]
+    lo, hi = key[starts], reach[stops]
+    del key, reach, starts, stops  # freed before the result is built
+    real = lo < hi  # an empty interval may open one of its own, which then holds nothing
+    if not real.all():
+        lo, hi = lo[real], hi[real]
+    row = lo // stride
+    base = row * stride
+    lo -= base
+    hi -= base
+    count = np.bincount(row, minlength=n)
+    width = max(int(count.max()), 1)
+    at = np.arange(len(row), dtype=np.int64)
+    at -= (np.cumsum(count) - count)[row]  # intervals before it in its row
+    at += row * width
+    out_lo = np.zeros(n * width, dtype=np.int64)
+    out_hi = np.zeros(n * width, dtype=np.int64)
+    out_lo[at] = lo
+    out_hi[at] = hi
+    return Rows(out_lo.reshape(n, width), out_hi.reshape(n, width))
 
 
 def intersect(a: Rows, b: Rows) -> Rows:
@@ -121,10 +146,6 @@ def intersect(a: Rows, b: Rows) -> Rows:
     lo = np.maximum(a.lo[:, :, None], b.lo[:, None, :]).reshape(a.n_rows, -1)
     hi = np.minimum(a.hi[:, :, None], b.hi[:, None, :]).reshape(a.n_rows, -1)
     return canonical(lo, hi)
-
-
-def union(a: Rows, b: Rows) -> Rows:
-    return canonical(np.concatenate([a.lo, b.lo], axis=1), np.concatenate([a.hi, b.hi], axis=1))
 
 
 def complement(a: Rows, width) -> Rows:
@@ -141,6 +162,8 @@ def complement(a: Rows, width) -> Rows:
 def shift(a: Rows, by) -> Rows:
     by = np.broadcast_to(np.asarray(by, dtype=np.int64), (a.n_rows,))[:, None]
     real = a.real()
+    if real.all():
+        return Rows(a.lo + by, a.hi + by)
     return Rows(np.where(real, a.lo + by, 0), np.where(real, a.hi + by, 0))
 
 
@@ -165,9 +188,12 @@ def distinct_consecutive(columns: list[np.ndarray]) -> np.ndarray:
     n = columns[0].shape[0]
     changed = np.ones(n, dtype=bool)
     if n > 1:
-        changed[1:] = False
+        later = changed[1:]
+        later[:] = False
+        step = np.empty(n - 1, dtype=bool)
         for c in columns:
-            changed[1:] |= (c[1:] != c[:-1]).any(axis=1)
+            for k in range(c.shape[1]):  # column by column: a reduction over a short axis is slow
+                later |= np.not_equal(c[1:, k], c[:-1, k], out=step)
     return np.flatnonzero(changed)
 
 

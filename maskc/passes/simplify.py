@@ -122,16 +122,50 @@ def _merge_prefixes(m):  # Prefix(a) ∩ Prefix(b) == Prefix(min); ∪ == Prefix
 
 
 def _join_documents(m):  # documents placed back to back with one inner are one Documents
+    # every chain at once, found through an index of where documents start: linear in the operands
     docs = [x for x in m.of if isinstance(x, ir.Documents)]
+    if len(docs) < 2:
+        return None
+    free = {}  # (inner, q_start, kv_start) -> the documents starting there not yet joined, last first
+    for x in reversed(docs):
+        free.setdefault((x.inner, x.q_start, x.kv_start), []).append(x)
+    after = {}  # id(a) -> the b joined after a
+    taken = set()  # ids of the documents joined after another
     for a in docs:
-        for b in docs:
-            if a is not b and a.inner == b.inner and (b.q_start, b.kv_start) == tuple(int(x[-1]) for x in a.starts()):
-                joined = a.model_copy(update={
-                    "lengths": a.lengths + b.lengths, "kv_lengths": a.key_lengths + b.key_lengths,
-                })
-                rest = tuple(x for x in m.of if x is not a and x is not b)
-                return ir.Or(of=rest + (joined,))
-    return None
+        end = (a.inner, a.q_start + sum(a.lengths), a.kv_start + sum(a.key_lengths))
+        # a chain moves forward in queries or keys, so it never loops; one holding no position
+        # (folded to Empty) would not
+        if end[1:] != (a.q_start, a.kv_start) and free.get(end):
+            b = free[end].pop()
+            after[id(a)] = b
+            taken.add(id(b))
+    if not after:
+        return None
+    of = []
+    for x in m.of:
+        if id(x) in taken:
+            continue
+        if not isinstance(x, ir.Documents):
+            of.append(x)
+            continue
+        chain = [x]
+        while id(chain[-1]) in after:
+            chain.append(after[id(chain[-1])])
+        of.append(x if len(chain) == 1 else x.model_copy(update={
+            "lengths": tuple(n for c in chain for n in c.lengths),
+            "kv_lengths": None if all(c.kv_lengths is None for c in chain) else tuple(
+                n for c in chain for n in c.key_lengths),
+        }))
+    return ir.Or(of=tuple(of))
+
+
+def _gather_negations(m):  # And(~a, ~b, x) == And(~Or(a, b), x); Or(~a, ~b, x) == Or(~And(a, b), x)
+    negated = [x.of for x in m.of if isinstance(x, ir.Not)]
+    if len(negated) < 2:
+        return None
+    dual = ir.Or if isinstance(m, ir.And) else ir.And
+    rest = tuple(x for x in m.of if not isinstance(x, ir.Not))
+    return type(m)(of=rest + (ir.Not(of=dual(of=tuple(negated))),))
 
 
 def _double_negation(m):  # ~~x == x
@@ -180,6 +214,8 @@ RULES: list[tuple[type, Rewrite]] = [
     (ir.And, _merge_prefixes),
     (ir.Or, _merge_prefixes),
     (ir.Or, _join_documents),
+    (ir.And, _gather_negations),
+    (ir.Or, _gather_negations),
     (ir.And, _trivial),
     (ir.Or, _trivial),
     (ir.Not, _double_negation),
@@ -189,6 +225,11 @@ RULES: list[tuple[type, Rewrite]] = [
     (ir.SlidingWindow, _unbounded_window),
     (ir.Documents, _empty_documents),
 ]
+
+
+_RULES_OF: dict[type, list[Rewrite]] = {}  # RULES by node type, in order
+for _type, _rewrite in RULES:
+    _RULES_OF.setdefault(_type, []).append(_rewrite)
 
 
 def _with_children(m: ir.Mask, memo: dict) -> ir.Mask:
@@ -205,7 +246,11 @@ def _with_children(m: ir.Mask, memo: dict) -> ir.Mask:
 
 
 def simplify(mask: ir.Mask, memo: dict | None = None) -> ir.Mask:
-    """An equivalent expression with the rewrite ``RULES`` applied to a fixpoint."""
+    """An equivalent expression with the rewrite ``RULES`` applied to a fixpoint.
+
+    ``memo`` maps every expression met, and every result, to its result: a rewrite
+    that keeps most operands (joining two of a hundred) simplifies only the new ones.
+    """
     memo = {} if memo is None else memo
     if mask in memo:
         return memo[mask]
@@ -213,14 +258,13 @@ def simplify(mask: ir.Mask, memo: dict | None = None) -> ir.Mask:
     changed = True
     while changed:
         changed = False
-        for node_type, rewrite in RULES:
-            if type(out) is node_type:
-                new = rewrite(out)
-                if new is not None:
-                    out = _with_children(new, memo)
-                    changed = True
-                    break
-    memo[mask] = out
+        for rewrite in _RULES_OF.get(type(out), ()):
+            new = rewrite(out)
+            if new is not None:
+                out = _with_children(new, memo)
+                changed = True
+                break
+    memo[mask] = memo[out] = out
     return out
 
 
