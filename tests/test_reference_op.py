@@ -179,3 +179,12 @@ def test_dense_and_predicate_partial_tiles_use_their_stored_patterns():
     q, k, v = inputs(30, 30, hq=2, hkv=1)
     got, want = run_both(spec, 8, q, k, v)
     assert_close(got, want, torch.float64)
+
+
+def test_head_dim_0_is_refused_by_name():
+    """The user's input from issue 15: q, k, v with head dim 0 (no ZeroDivisionError from inside)."""
+    cm = maskc.compile(maskc.Spec(q_len=8, kv_len=8, mask=maskc.Causal()), block_size=16)
+    x = torch.zeros(1, 2, 8, 0)
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match="head_dim 0"):
+            cm(x, x, x, backend=backend)
