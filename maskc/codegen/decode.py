@@ -110,8 +110,8 @@ def _decode_fwd(Q, K, V, Out, Lse, PartOut, PartLse, T,
         return
     item = tl.load(_section(T, DECODE_ORDER) + tl.program_id(0))  # largest first
     b, kv_head, split = _kv_program(n_kv_heads, group, HEADS)
-    at = _section(T, DECODE_ITEMS) + item * 3
-    grp, first, end = tl.load(at), tl.load(at + 1), tl.load(at + 2)
+    item_at = _section(T, DECODE_ITEMS) + item * 3
+    grp, first, end = tl.load(item_at), tl.load(item_at + 1), tl.load(item_at + 2)
     r, h, rows, valid = _group_tile(T, grp, kv_head, split, group, HEADS, TILE_M)
     q_ptrs = _row_ptrs(Q + b.to(tl.int64) * stride_qb, h, rows, stride_qh, stride_qm, stride_qd, BLOCK_D)
     q = tl.load(q_ptrs, mask=valid[:, None] & (tl.arange(0, BLOCK_D)[None, :] < HEAD_D), other=0.0)
@@ -153,10 +153,10 @@ def _decode_fwd(Q, K, V, Out, Lse, PartOut, PartLse, T,
         _store_final(Out, Lse, o, lse2 * LN2, b, h, rows, valid, n_heads, q_len, stride_ob, stride_oh, stride_om,
                      stride_od, HEAD_DV, BLOCK_DV)
     else:
-        at = _partial_at(item, b, h, r, batch, n_heads, ROWS)
+        slots = _partial_at(item, b, h, r, batch, n_heads, ROWS)
         cols = tl.arange(0, BLOCK_DV)
-        tl.store(PartOut + at[:, None] * BLOCK_DV + cols[None, :], o, mask=valid[:, None])
-        tl.store(PartLse + at, lse2, mask=valid)
+        tl.store(PartOut + slots[:, None] * BLOCK_DV + cols[None, :], o, mask=valid[:, None])
+        tl.store(PartLse + slots, lse2, mask=valid)
 
 
 # -- the merge ------------------------------------------------------------------------
@@ -181,9 +181,9 @@ def _decode_merge(Out, Lse, PartOut, PartLse, T, stride_ob, stride_oh, stride_om
     total = tl.zeros([TILE_M], dtype=tl.float32)
     m_i = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
     for item in range(first_item, end_item):
-        at = _partial_at(item, b, h, r, batch, n_heads, ROWS)
-        lse_c = tl.load(PartLse + at, mask=valid, other=float("-inf"))
-        o_c = tl.load(PartOut + at[:, None] * BLOCK_DV + cols[None, :], mask=valid[:, None], other=0.0)
+        slots = _partial_at(item, b, h, r, batch, n_heads, ROWS)
+        lse_c = tl.load(PartLse + slots, mask=valid, other=float("-inf"))
+        o_c = tl.load(PartOut + slots[:, None] * BLOCK_DV + cols[None, :], mask=valid[:, None], other=0.0)
         m_new = tl.maximum(m_i, lse_c)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_ref)
