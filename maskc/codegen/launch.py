@@ -32,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import kernels, tuning
 from .plan import Structure, predicate_source
-from .predicate import FUNCTION_NAME, MAX_POSITIONS
+from .predicate import FUNCTION_NAME
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
@@ -56,7 +56,7 @@ def interpreting() -> bool:
 
 
 # -- argument checks ------------------------------------------------------------------------
-def check_triton_inputs(block_size: tuple[int, int], q_len: int, kv_len: int, q, k, v) -> None:
+def check_triton_inputs(block_size: tuple[int, int], q, k, v) -> None:
     """What the Triton kernels support beyond ``check_inputs``; raised before any launch."""
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q.dtype={q.dtype} is not supported by backend='triton'; use one of {TRITON_DTYPES} "
@@ -74,9 +74,6 @@ def check_triton_inputs(block_size: tuple[int, int], q_len: int, kv_len: int, q,
     if q.shape[0] * q.shape[1] > TRITON_MAX_BATCH_HEADS:
         raise ValueError(f"q has batch * heads = {q.shape[0]} * {q.shape[1]}; backend='triton' supports at most "
                          f"{TRITON_MAX_BATCH_HEADS}")
-    if q_len + kv_len >= MAX_POSITIONS:
-        raise ValueError(f"q_len + kv_len = {q_len + kv_len}: backend='triton' supports fewer than "
-                         f"{MAX_POSITIONS} positions")
 
 
 # -- the generated predicate ------------------------------------------------------------------

@@ -138,7 +138,7 @@ def _backend(cm, q, k, v, backend: Optional[str]) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{backend=} must be one of {BACKENDS} or None")
     if backend == "triton" or (backend is None and q.is_cuda):
-        _launch().check_triton_inputs(cm.block_size, cm.q_len, cm.kv_len, q, k, v)
+        _launch().check_triton_inputs(cm.block_size, q, k, v)
         return "triton"
     return "reference"
 
