@@ -126,6 +126,36 @@ class Rank:
         self.backward(out, lse)
         mark()
 
+    def tile_step(self, mark):
+        """``step`` with a mark after each tile's op, merge and backward (``--tiles``)."""
+        merged = Partials(self.q, self.v)
+        for op, source in self.tiles:
+            part = op(self.q, *self.kv[source], return_lse=True)
+            mark()
+            merged.add(*part)
+            mark()
+        out, lse = merged.result()
+        dq = torch.zeros_like(self.q, dtype=torch.float32)
+        for op, source in self.tiles:
+            share_q, _, _ = op.backward(self.q, *self.kv[source], out, lse, self.d_out)
+            mark()
+            dq += share_q
+            mark()
+
+    def tile_lines(self, clock) -> list[str]:
+        """Per tile: the op's forward, the merge, the backward and the dQ sum (ms), its pairs and tiles."""
+        times = clock.ms(self.tile_step)
+        n = len(self.tiles)
+        fwd, bwd = times[:2 * n], times[2 * n:]
+        lines = []
+        for t, (op, source) in enumerate(self.tiles):
+            counts = op.tile_counts()
+            lines.append(f"    tile {t} (keys of rank {source}): fwd {fwd[2 * t]:6.3f} merge {fwd[2 * t + 1]:6.3f} "
+                         f"bwd {bwd[2 * t]:6.3f} dq-sum {bwd[2 * t + 1]:6.3f} ms; pairs {op.allowed_pairs()}, "
+                         f"blocks {counts['full']} full {counts['partial']} partial, "
+                         f"{op.q_len} x {op.kv_len}")
+        return lines
+
 
 def single_device(spec, tensors, block_size, clock):
     """Whole-sequence forward and backward-from-saved: results and ``[fwd ms, bwd ms]``."""
@@ -143,7 +173,8 @@ def single_device(spec, tensors, block_size, clock):
     return cm, (out, lse, *grads), clock.ms(step)
 
 
-def rehearse(spec, p: int, strategy: str, tensors: dict, single, settings: dict, clock: Clock) -> dict:
+def rehearse(spec, p: int, strategy: str, tensors: dict, single, settings: dict, clock: Clock,
+             tiles: bool = False) -> dict:
     plan = shard_plan(spec, p, strategy, min_chunk=settings["min_chunk"])
     shards = {name: [plan.shard(x, r) for r in range(p)] for name, x in tensors.items()}
     start = time.perf_counter()
@@ -156,6 +187,9 @@ def rehearse(spec, p: int, strategy: str, tensors: dict, single, settings: dict,
         torch.cuda.synchronize(clock.device)
     compile_s = time.perf_counter() - start
     times = [clock.ms(rank.step) for rank in ranks]
+    if tiles:
+        for rank in ranks:
+            print(f"  rank {rank.rank}:", *rank.tile_lines(clock), sep="\n", flush=True)
     cm, expected, single_ms = single
     pairs = [sum(op.allowed_pairs() for op, _ in rank.tiles) for rank in ranks]
     area = sum(visited(op) for rank in ranks for op, _ in rank.tiles)
@@ -228,6 +262,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and the tensors")
     parser.add_argument("--write", action="store_true", help="add the table to bench/RESULTS.md")
+    parser.add_argument("--tiles", action="store_true", help="also time each rank's tiles one by one")
     args = parser.parse_args()
     settings = dict(TINY if args.tiny else GPU)
     settings["heads"] = args.heads or settings["heads"]
@@ -247,7 +282,7 @@ def main() -> None:
         single = single_device(spec, tensors, settings["block_size"], clock)
         for p in args.worlds or settings["worlds"]:
             for strategy in args.strategies:
-                row = rehearse(spec, p, strategy, tensors, single, settings, clock)
+                row = rehearse(spec, p, strategy, tensors, single, settings, clock, args.tiles)
                 rows.append(row)
                 print("\n".join(rank_lines(row)), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()})"

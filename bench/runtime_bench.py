@@ -91,14 +91,39 @@ def per_call_us(fn, calls: int = 200) -> float:
 
 
 def profile_host(calls: int = 300) -> None:
-    """Where the host time of maskc's eager forward and training step goes (cProfile, top entries)."""
+    """Where the host time of maskc's eager calls goes: each layer of the call path timed alone
+    (1K tokens, causal), then cProfile's top entries of the forward and the training step."""
     import cProfile
     import pstats
+
+    from maskc.codegen import launch, op
 
     length = 1024
     q, k, v = inputs(length)
     grad = torch.randn_like(q)
     cm = tools([length], length)["maskc"]
+    out, lse = cm(q, k, v, return_lse=True)
+    call = op._call(cm, q, k, v, None)
+    structure, (tables, patterns), scale = op.structure_of(call.key), call.tables, call.default_scale
+    d_lse = torch.zeros_like(lse)
+    layers = {
+        "torch.empty (one output)": lambda: torch.empty_like(q),
+        "launch.forward": lambda: launch.forward(structure, tables, patterns, q, k, v, scale),
+        "op._forward": lambda: op._forward(call.tables, call.backend, call.key, q, k, v, scale),
+        "cm(q, k, v) without grad": None,
+        "cm(q, k, v)": lambda: cm(q, k, v),
+        "launch.backward": lambda: launch.backward(structure, tables, patterns, q, k, v, out, lse, grad, d_lse,
+                                                   scale),
+        "step: cm(q, k, v), backward": lambda: torch.autograd.backward(cm(q, k, v), grad),
+        "SDPA step": lambda: torch.autograd.backward(F.scaled_dot_product_attention(q, k, v, is_causal=True), grad),
+    }
+    for label, fn in layers.items():
+        if fn is None:
+            with torch.no_grad():
+                us = per_call_us(lambda: cm(q, k, v))
+        else:
+            us = per_call_us(fn)
+        print(f"{label:32s} {us:7.1f} us", flush=True)
     for label, fn in (("forward", lambda: cm(q, k, v)),
                       ("step", lambda: torch.autograd.backward(cm(q, k, v), grad))):
         per_call_us(fn, 20)
