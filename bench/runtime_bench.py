@@ -123,7 +123,8 @@ def profile_host(calls: int = 300) -> None:
                 us = per_call_us(lambda: cm(q, k, v))
         else:
             us = per_call_us(fn)
-        print(f"{label:32s} {us:7.1f} us", flush=True)
+        gpu = median_ms(fn) * 1e3 if fn is not None else float("nan")
+        print(f"{label:32s} {us:7.1f} us on the host per call, {gpu:7.1f} us median of the GPU's", flush=True)
     for label, fn in (("forward", lambda: cm(q, k, v)),
                       ("step", lambda: torch.autograd.backward(cm(q, k, v), grad))):
         per_call_us(fn, 20)

@@ -167,17 +167,26 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class Partials:
     """One rank's partial results (its tiles' ``out, lse``) merged by log-sum-exp as they come, in the
-    work precision (float32, float64 for float64 inputs), as ``ring_attention``'s forward merges them."""
+    work precision (float32, float64 for float64 inputs), as ``ring_attention``'s forward merges them.
+    On GPUs in float32 each merge is one pass of ``codegen/merge.py``'s kernel, in place after the
+    first; elsewhere ``merge_partials``."""
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor):
         self.q, self.v, self.work = q, v, _work_dtype(q.dtype)
         self.out = self.lse = None
+        self.merged = False  # whether self.out is a merge's result, which later merges may overwrite
 
     def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        if self.out is None:
-            self.out, self.lse = out.to(self.work), lse
+        if self.out is None:  # kept as it is: the first merge converts it
+            self.out, self.lse = out, lse
+            return
+        if out.is_cuda and self.work == torch.float32:
+            from .codegen.merge import merge  # here: importing kernels reads TRITON_INTERPRET
+
+            self.out, self.lse = merge(self.out, self.lse, out, lse, in_place=self.merged)
         else:
-            self.out, self.lse = merge_partials([self.out, out], [self.lse, lse])
+            self.out, self.lse = merge_partials([self.out.to(self.work), out], [self.lse, lse])
+        self.merged = True
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, lse)``: ``out`` in q's dtype, ``lse`` in the work precision; 0 and ``-inf`` with no part."""

@@ -154,6 +154,18 @@ def _list_span(ptr, at):
 
 
 @triton.jit
+def _listed(full_ptr, part_ptr, at, ONE_LOOP: tl.constexpr):
+    """How many tiles a block's lists hold, before any trimming (0: an EMPTY row or column of
+    blocks, whose programs only write zeros)."""
+    lo, hi = _list_span(part_ptr, at)
+    if ONE_LOOP:
+        return hi - lo
+    else:
+        full_lo, full_hi = _list_span(full_ptr, at)
+        return hi - lo + full_hi - full_lo
+
+
+@triton.jit
 def _partial_steps(T, part_ptr, at, slot, pos, n, STEPS: tl.constexpr, PROGRAM: tl.constexpr, TRIM: tl.constexpr):
     """Steps ``[first, end)`` of a program's PARTIAL list: with trimmed steps (header entry
     ``TRIM >= 0``), only those that meet the spans of its ``PROGRAM`` positions from ``pos``
@@ -329,6 +341,13 @@ def _attn_fwd(Q, K, V, K_desc, V_desc, Out, Lse, T, patterns,
         return
     full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
                                                                         FWD_PART_IDX, FWD_PART_PATTERN)
+    out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if _listed(full_ptr, part_ptr, at, ONE_LOOP) == 0:  # nothing to read (ring tiles have many such blocks)
+        _store_tile(out_base, tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), offs_m, q_len, stride_om, stride_od,
+                    HEAD_DV, BLOCK_DV)
+        tl.store(Lse + bh.to(tl.int64) * q_len + offs_m, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                 mask=offs_m < q_len)
+        return
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
                    stride_qd, HEAD_D, BLOCK_D, CUT)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -352,7 +371,6 @@ def _attn_fwd(Q, K, V, K_desc, V_desc, Out, Lse, T, patterns,
 
     empty = l_i == 0.0  # rows with no allowed key (and blocks with no tile): output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     _store_tile(out_base, acc / l_safe[:, None], offs_m, q_len, stride_om, stride_od, HEAD_DV, BLOCK_DV)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     tl.store(Lse + bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
@@ -424,6 +442,11 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
         return
     full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
                                                                         FWD_PART_IDX, FWD_PART_PATTERN)
+    dq_base = dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    if _listed(full_ptr, part_ptr, at, ONE_LOOP) == 0:  # rows no dK/dV program visits: no row terms either
+        _store_tile(dq_base, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), offs_m, q_len, stride_dqm, stride_dqd,
+                    HEAD_D, BLOCK_D)
+        return
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
                    stride_qd, HEAD_D, BLOCK_D, CUT)
     do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
@@ -446,8 +469,7 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                    part_pattern, first, end, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
                    EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
                    PRECISION, TMA)
-    _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq * scale, offs_m, q_len,
-                stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
+    _store_tile(dq_base, dq * scale, offs_m, q_len, stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
 
 
 @triton.jit
