@@ -42,8 +42,9 @@ program ``t`` owns ``BLOCK_M`` rows of query block ``Q_ORDER[slot, t // (BQ //
 BLOCK_M)]``: heaviest first where rows are long (the last programs are then
 the shortest), in sequence order where rows are short (the programs running
 together then read the keys of a few neighbouring documents or windows),
-blocks with no tile last. Those find their lists empty and write out 0 and LSE
-``-inf`` (dQ 0). The first grid axis is the fast one, so the programs running
+blocks with no tile last. Those find their lists empty (``_listed``) and write
+out 0 and LSE ``-inf`` (dQ 0) without reading anything else: a ring tile is
+mostly such blocks. The first grid axis is the fast one, so the programs running
 at once mostly belong to one head and stream the same keys through L2. dK/dV:
 ``(n_kv_blocks * BK // BLOCK_N, batch * kv_heads)``, one program per
 ``BLOCK_N`` keys in ``KV_ORDER``; it loops over the query heads sharing its key
