@@ -115,8 +115,7 @@ class Rank:
         """``dq`` and the dK/dV share of each source shard."""
         dq, shares = torch.zeros_like(self.q, dtype=torch.float32), {}
         for op, source in self.tiles:
-            share_q, share_k, share_v = op.backward(self.q, *self.kv[source], out, lse, self.d_out)
-            dq += share_q
+            _, share_k, share_v = op.backward(self.q, *self.kv[source], out, lse, self.d_out, dq_sum=dq)
             shares[source] = (share_k, share_v)
         return dq, shares
 
@@ -137,13 +136,11 @@ class Rank:
         out, lse = merged.result()
         dq = torch.zeros_like(self.q, dtype=torch.float32)
         for op, source in self.tiles:
-            share_q, _, _ = op.backward(self.q, *self.kv[source], out, lse, self.d_out)
-            mark()
-            dq += share_q
+            op.backward(self.q, *self.kv[source], out, lse, self.d_out, dq_sum=dq)
             mark()
 
     def tile_lines(self, clock) -> list[str]:
-        """Per tile: the op's forward, the merge, the backward and the dQ sum (ms), its pairs and tiles."""
+        """Per tile: the op's forward, the merge and the backward (ms), its pairs and tiles."""
         times = clock.ms(self.tile_step)
         n = len(self.tiles)
         fwd, bwd = times[:2 * n], times[2 * n:]
@@ -151,7 +148,7 @@ class Rank:
         for t, (op, source) in enumerate(self.tiles):
             counts = op.tile_counts()
             lines.append(f"    tile {t} (keys of rank {source}): fwd {fwd[2 * t]:6.3f} merge {fwd[2 * t + 1]:6.3f} "
-                         f"bwd {bwd[2 * t]:6.3f} dq-sum {bwd[2 * t + 1]:6.3f} ms; pairs {op.allowed_pairs()}, "
+                         f"bwd {bwd[t]:6.3f} ms; pairs {op.allowed_pairs()}, "
                          f"blocks {counts['full']} full {counts['partial']} partial, "
                          f"{op.q_len} x {op.kv_len}")
         return lines

@@ -243,14 +243,17 @@ class CompiledMask:
         return attention(self, q, k, v, scale=scale, return_lse=return_lse, backend=backend)
 
     def backward(self, q, k, v, out, lse, d_out, d_lse=None, scale: Optional[float] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, dq_sum: Optional[torch.Tensor] = None):
         """``(dq, dk, dv)`` of ``self(q, k, v, scale=scale, return_lse=True)`` from its saved ``out``
         and ``lse`` and the gradients ``d_out`` (and ``d_lse``, or ``None``), without recomputing the
         forward. ``out``/``lse`` may be a merged result of several masks (ring attention): each mask
-        then gives its share of the gradients."""
+        then gives its share of the gradients. With ``dq_sum`` (float32, float64 for float64 ``q``;
+        ``q``'s shape), dQ is added into it in place and it is returned as ``dq``: rows this mask
+        leaves empty are not touched, which saves a pass per ring tile."""
         from .codegen.op import attention_backward
 
-        return attention_backward(self, q, k, v, out, lse, d_out, d_lse, scale=scale, backend=backend)
+        return attention_backward(self, q, k, v, out, lse, d_out, d_lse, scale=scale, backend=backend,
+                                  dq_sum=dq_sum)
 
     def __repr__(self) -> str:
         c = self.tile_counts()

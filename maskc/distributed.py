@@ -318,8 +318,7 @@ class _Ring:
             outgoing = []
             op = self.tiles[step] if step < plan.n_steps else None
             if op is not None:
-                share_q, share_k, share_v = op.backward(q, *held, out, lse, d_out, d_lse, scale=scale)
-                dq += share_q
+                _, share_k, share_v = op.backward(q, *held, out, lse, d_out, d_lse, scale=scale, dq_sum=dq)
                 if step == 0:
                     dk += share_k
                     dv += share_v

@@ -496,3 +496,27 @@ def test_documents_placed_by_kv_start_leave_earlier_keys_unmatched():
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
     for a, b in zip(torch.autograd.grad(got[0].sum(), (q, k, v)), torch.autograd.grad(want[0].sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_backward_adds_dq_into_a_sum_and_leaves_empty_rows_alone(backend):
+    """``CompiledMask.backward(..., dq_sum=)``, as ring attention sums its tiles' dQ: the sum gains
+    this mask's dQ, and rows of blocks with no tile (rows 0-31 here) are not written at all."""
+    spec = maskc.Spec(q_len=70, kv_len=50, mask=maskc.Range(q=(32, 70), kv=(0, 50)) & maskc.Causal(offset=-20))
+    cm = maskc.compile(spec, block_size=16)
+    torch.manual_seed(0)
+    q, d_out = torch.randn(2, 1, 2, 70, 16).unbind(0)
+    k, v = torch.randn(2, 1, 2, 50, 16).unbind(0)
+    out, lse = cm(q, k, v, return_lse=True, backend=backend)
+    want = cm.backward(q, k, v, out, lse, d_out, backend=backend)
+    held = torch.full_like(q, float("nan"))[:, :, :32]  # a sum whose untouched rows would show NaN
+    dq_sum = torch.cat([held, torch.ones_like(q[:, :, 32:])], dim=2)
+    got = cm.backward(q, k, v, out, lse, d_out, backend=backend, dq_sum=dq_sum)
+    assert got[0] is dq_sum
+    assert dq_sum[:, :, :32].isnan().all()
+    torch.testing.assert_close(dq_sum[:, :, 32:], want[0][:, :, 32:] + 1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="dq_sum must be torch.float32"):
+        cm.backward(q.half(), k.half(), v.half(), out.half(), lse, d_out.half(), backend=backend,
+                    dq_sum=torch.zeros_like(q, dtype=torch.float16))

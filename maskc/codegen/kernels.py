@@ -433,7 +433,7 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  TRIM: tl.constexpr, N_MASK_HEADS: tl.constexpr, ARGS_WIDTH: tl.constexpr,
                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 PRECISION: tl.constexpr, TMA: tl.constexpr):
+                 PRECISION: tl.constexpr, TMA: tl.constexpr, ADD_DQ: tl.constexpr):
     tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at = \
@@ -445,8 +445,9 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                                                                         FWD_PART_IDX, FWD_PART_PATTERN)
     dq_base = dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     if _listed(full_ptr, part_ptr, at, ONE_LOOP) == 0:  # rows no dK/dV program visits: no row terms either
-        _store_tile(dq_base, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), offs_m, q_len, stride_dqm, stride_dqd,
-                    HEAD_D, BLOCK_D)
+        if not ADD_DQ:  # a sum of dQ keeps what it holds
+            _store_tile(dq_base, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), offs_m, q_len, stride_dqm,
+                        stride_dqd, HEAD_D, BLOCK_D)
         return
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
                    stride_qd, HEAD_D, BLOCK_D, CUT)
@@ -470,7 +471,10 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                    part_pattern, first, end, q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask,
                    EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_N, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
                    PRECISION, TMA)
-    _store_tile(dq_base, dq * scale, offs_m, q_len, stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
+    dq = dq * scale
+    if ADD_DQ:
+        dq += _load_tile(dq_base, offs_m, q_len, stride_dqm, stride_dqd, HEAD_D, BLOCK_D, True)
+    _store_tile(dq_base, dq, offs_m, q_len, stride_dqm, stride_dqd, HEAD_D, BLOCK_D)
 
 
 @triton.jit
@@ -537,6 +541,19 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
     head_slot = _section(T, HEAD_SLOT)
     full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, BWD_FULL_PTR, BWD_FULL_IDX, BWD_PART_PTR,
                                                                         BWD_PART_IDX, BWD_PART_PATTERN)
+    dk_base = dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
+    dv_base = dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+    listed = _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group) % N_MASK_HEADS) * (n_kv_blocks + 1)
+                     + kb, ONE_LOOP)
+    for g in range(1, group):
+        listed += _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS) *
+                          (n_kv_blocks + 1) + kb, ONE_LOOP)
+    if listed == 0:  # keys no query of the group's heads attends: zeros, K and V unread
+        _store_tile(dk_base, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), offs_n, kv_len, stride_dkn, stride_dkd,
+                    HEAD_D, BLOCK_D)
+        _store_tile(dv_base, tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32), offs_n, kv_len, stride_dvn,
+                    stride_dvd, HEAD_DV, BLOCK_DV)
+        return
     k = _load_tile(K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, offs_n, kv_len, stride_kn,
                    stride_kd, HEAD_D, BLOCK_D, CUT)
     v = _load_tile(V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, offs_n, kv_len, stride_vn,
@@ -568,7 +585,5 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
                              qk_scale, slot_args, _section(T, MASK_DATA), patterns, partial_mask,
                              EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV,
                              BLOCK_DV, PRECISION, TMA)
-    _store_tile(dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, dk * scale, offs_n, kv_len,
-                stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
-    _store_tile(dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, dv, offs_n, kv_len,
-                stride_dvn, stride_dvd, HEAD_DV, BLOCK_DV)
+    _store_tile(dk_base, dk * scale, offs_n, kv_len, stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
+    _store_tile(dv_base, dv, offs_n, kv_len, stride_dvn, stride_dvd, HEAD_DV, BLOCK_DV)

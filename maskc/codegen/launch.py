@@ -290,11 +290,13 @@ def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
     return out, lse
 
 
-def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d_lse, scale: float):
-    """``(dq, dk, dv)`` of the Triton backward from the forward's ``out`` and ``lse``."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d_lse, scale: float, dq_sum=None):
+    """``(dq, dk, dv)`` of the Triton backward from the forward's ``out`` and ``lse``; with
+    ``dq_sum`` (float32, q's shape) dQ is added into it, which is returned as ``dq``."""
+    dq = torch.empty_like(q) if dq_sum is None else dq_sum
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     if structure.empty:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq if dq_sum is not None else dq.zero_(), dk.zero_(), dv.zero_()
     lse2 = torch.empty_like(lse)  # written by the dQ kernel for every row, read by dK/dV
     delta = torch.empty_like(lse)
     d_lse = d_lse.to(torch.float32).contiguous()
@@ -312,7 +314,7 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
         grid = (structure.n_q_blocks * (structure.block_q // config.block_m), q.shape[0] * n_heads, 1)
         return Launch(kernels._attn_bwd_dq, grid,
                       fixed(**_strides("o", out), **_strides("dq", dq), n_q_blocks=structure.n_q_blocks, TMA=use_tma,
-                            **_constexprs(structure, "forward", config, q, v)),
+                            ADD_DQ=dq_sum is not None, **_constexprs(structure, "forward", config, q, v)),
                       ("Q", "K", "V", "K_desc", "V_desc", "Out", "dOut", "Lse", "dLse", "Lse2", "Delta", "dQ", "T",
                        "patterns", "qk_scale", "scale"), config,
                       {"K_desc": config.block_n, "V_desc": config.block_n} if use_tma else {}, aligned)
@@ -328,7 +330,7 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
                        "qk_scale", "scale"), config,
                       {"Q_desc": config.block_m, "dO_desc": config.block_m} if use_tma else {}, aligned)
 
-    key = _key("dq", structure, aligned, q, k, v, out, d_out)
+    key = _key("dq", structure, aligned, q, k, v, out, d_out, dq) + (dq.dtype, dq_sum is not None)
     launch("dq", key, (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale),
            build_dq, structure, q, v)  # first: it computes the row terms dK/dV reads
     launch("dkdv", ("dkdv",) + key[1:], (q, k, v, d_out, q, d_out, lse2, delta, dk, dv, tables, patterns, qk_scale,

@@ -49,13 +49,14 @@ def _forward(tables, backend: str, key: str, q, k, v, scale: float):
     return reference_forward(tables, key, q, k, v, scale)
 
 
-def _backward(tables, backend: str, key: str, q, k, v, out, lse, d_out, d_lse, scale: float):
+def _backward(tables, backend: str, key: str, q, k, v, out, lse, d_out, d_lse, scale: float, dq_sum=None):
     if backend == "triton":
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
         return _launch().backward(structure_of(key), tables[0], tables[1], q, k, v, out.to(q.dtype),
-                               lse.to(torch.float32), d_out.to(q.dtype), d_lse, scale)
-    return reference_backward(tables, key, q, k, v, out, lse, d_out, d_lse, scale)
+                                  lse.to(torch.float32), d_out.to(q.dtype), d_lse, scale, dq_sum)
+    dq, dk, dv = reference_backward(tables, key, q, k, v, out, lse, d_out, d_lse, scale)
+    return (dq, dk, dv) if dq_sum is None else (dq_sum.add_(dq), dk, dv)
 
 
 # -- torch.library ops (what torch.compile sees) ----------------------------------------------
@@ -205,18 +206,23 @@ def _traced(cm, q, k, v, scale, backend):
 
 
 def attention_backward(cm, q, k, v, out, lse, d_out, d_lse=None, scale: Optional[float] = None,
-                       backend: Optional[str] = None):
+                       backend: Optional[str] = None, dq_sum: Optional[torch.Tensor] = None):
     """``CompiledMask.backward``: ``(dq, dk, dv)`` from a forward's ``out`` and ``lse``, without
     recomputing the forward; ``d_lse`` may be ``None``. ``out`` and ``lse`` need not come from this
-    mask: ring attention passes the merged result of all tiles, and gets each tile's share."""
+    mask: ring attention passes the merged result of all tiles, and gets each tile's share, adding
+    the dQ shares into one ``dq_sum``."""
     call = _call(cm, q, k, v, backend)
     rows = q.shape[:-1]
     for name, x, shape in (("out", out, rows + (v.shape[-1],)), ("d_out", d_out, rows + (v.shape[-1],)),
-                           ("lse", lse, rows), ("d_lse", d_lse, rows)):
-        if x is None and name == "d_lse":
+                           ("lse", lse, rows), ("d_lse", d_lse, rows), ("dq_sum", dq_sum, q.shape)):
+        if x is None and name in ("d_lse", "dq_sum"):
             continue
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or x.device != q.device:
             raise ValueError(f"{name} must be a tensor of shape {tuple(shape)} on {q.device}, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if dq_sum is not None:
+        want = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if dq_sum.dtype != want:
+            raise TypeError(f"dq_sum must be {want} for q of {q.dtype}, got {dq_sum.dtype}")
     return _backward(call.tables, call.backend, call.key, q, k, v, out, lse, d_out, d_lse,
-                     _scale(call.default_scale, scale))
+                     _scale(call.default_scale, scale), dq_sum)
