@@ -137,6 +137,14 @@ def _store_tile(base, value, rows, n_rows, stride_row, stride_col, N_COLS: tl.co
 
 
 @triton.jit
+def _store_zeros(base, rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 BLOCK_COLS: tl.constexpr):
+    """Zeros in the rows of a program with nothing to compute."""
+    _store_tile(base, tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32), rows, n_rows, stride_row, stride_col,
+                N_COLS, BLOCK_COLS)
+
+
+@triton.jit
 def _load_step(desc, base, b, h, start, rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr,
                BLOCK_COLS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr):
     """A loop step's tile, rows ``rows`` (from ``start``) of head ``(b, h)``: copied by the tensor
@@ -246,6 +254,19 @@ def _step_start(blocks, step, end, TABLE_BLOCK: tl.constexpr, STEP: tl.constexpr
 
 
 @triton.jit
+def _key_step(blocks, step, end, start_n, pattern_of, k_desc, k_base, b, kv_head, kv_len, stride_kn, stride_kd,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
+              CHECK: tl.constexpr, TMA: tl.constexpr):
+    """The start of a forward or dQ loop step whose first key is ``start_n``: that key, the step's
+    keys, where the next step starts, the step's K tile and its table block's bit-pattern entry."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    next_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
+    k = _load_step(k_desc, k_base, b, kv_head, start_n, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK,
+                   TMA)
+    return start_n, offs_n, next_n, k, pattern_of + step // (BK // BLOCK_N)
+
+
+@triton.jit
 def _query_program(T, head, n_q_blocks, N_MASK_HEADS: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's slot, table query block and first row (forward and dQ grids)."""
     SUBS: tl.constexpr = BQ // BLOCK_M
@@ -265,11 +286,15 @@ def _query_lists(T, FULL_PTR: tl.constexpr, FULL_IDX: tl.constexpr, PART_PTR: tl
 
 @triton.jit
 def _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks,
-                N_MASK_HEADS: tl.constexpr, ARGS_WIDTH: tl.constexpr, SPANS: tl.constexpr, BQ: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+                N_MASK_HEADS: tl.constexpr, ARGS_WIDTH: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr,
+                BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What a forward or dQ program starts from: its batch and head (``bh``, ``b``, ``h``), slot,
     first row and rows, its key head's K/V, its slot's numbers and data for the predicate, its
-    rows' spans, and ``at``, its query block's entry in the forward block lists."""
+    rows' spans, ``at``, its query block's entry in the forward block lists, those lists, and how
+    many tiles they hold for it (0 past the end of the sequence too: such a program only writes
+    zeros, which its row mask drops there)."""
+    tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
+    tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
     slot, qb, start_m = _query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
@@ -280,8 +305,13 @@ def _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, gr
     spans_at = slot.to(tl.int64) * q_len
     span_lo, span_hi = _spans_of(_section(T, ROW_LO) + spans_at, _section(T, ROW_HI) + spans_at, offs_m, q_len,
                                  SPANS)
+    at = slot * (n_q_blocks + 1) + qb
+    full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
+                                                                        FWD_PART_IDX, FWD_PART_PATTERN)
+    listed = tl.where(start_m < q_len, _listed(full_ptr, part_ptr, at, ONE_LOOP), 0)
     return (bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, _section(T, MASK_ARGS) + slot * ARGS_WIDTH,
-            _section(T, MASK_DATA), span_lo, span_hi, slot * (n_q_blocks + 1) + qb)
+            _section(T, MASK_DATA), span_lo, span_hi, at, full_ptr, full_idx, part_ptr, part_idx, part_pattern,
+            listed)
 
 
 # -- forward ------------------------------------------------------------------------
@@ -295,15 +325,12 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_d
     """Online softmax over steps ``first`` to ``end`` of the key blocks ``blocks`` (``BLOCK_N``
     keys a step, ``BK // BLOCK_N`` steps a block). ``qk_scale >= 0``: FULL tiles scale each
     row's maximum, and their scores in one FMA."""
-    SUBS: tl.constexpr = BK // BLOCK_N
     CHECK: tl.constexpr = (KIND != FULL) & CUT  # bounds-checked loads
     start_n = _step_start(blocks, first, end, BK, BLOCK_N)
     for step in range(first, end):
-        at_n = start_n
-        offs_n = at_n + tl.arange(0, BLOCK_N)
-        start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_step(k_desc, k_base, b, kv_head, at_n, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK,
-                       TMA)
+        at_n, offs_n, start_n, k, pattern = _key_step(blocks, step, end, start_n, pattern_of, k_desc, k_base, b, kv_head,
+                                                      kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, BK, BLOCK_N,
+                                                      CHECK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if KIND == FULL:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -312,7 +339,7 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_d
         else:
             t = _masked(s * qk_scale, float("-inf"), offs_m[:, None], offs_n[None, :], offs_n[None, :], at_n,
                         row_lo[:, None], row_hi[:, None], whole_lo, whole_hi, q_len, kv_len, mask_args, mask_data,
-                        patterns, pattern_of + step // SUBS, partial_mask, KIND, SPANS, BLOCK_N, BQ, BK)
+                        patterns, pattern, partial_mask, KIND, SPANS, BLOCK_N, BQ, BK)
             p, m_new, m_ref = _masked_softmax_step(t, m_i)
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -333,19 +360,13 @@ def _attn_fwd(Q, K, V, K_desc, V_desc, Out, Lse, T, patterns,
               BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
               PRECISION: tl.constexpr, TMA: tl.constexpr):
-    tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
-    tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at = \
-        _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks,
-                    N_MASK_HEADS, ARGS_WIDTH, SPANS, BQ, BLOCK_M)
-    if start_m >= q_len:
-        return
-    full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
-                                                                        FWD_PART_IDX, FWD_PART_PATTERN)
+    (bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at, full_ptr,
+     full_idx, part_ptr, part_idx, part_pattern, listed) = _query_rows(
+        T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks, N_MASK_HEADS,
+        ARGS_WIDTH, SPANS, ONE_LOOP, BQ, BK, BLOCK_M, BLOCK_N)
     out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    if _listed(full_ptr, part_ptr, at, ONE_LOOP) == 0:  # nothing to read (ring tiles have many such blocks)
-        _store_tile(out_base, tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), offs_m, q_len, stride_om, stride_od,
-                    HEAD_DV, BLOCK_DV)
+    if listed == 0:  # nothing to read (ring tiles have many such blocks)
+        _store_zeros(out_base, offs_m, q_len, stride_om, stride_od, HEAD_DV, BLOCK_M, BLOCK_DV)
         tl.store(Lse + bh.to(tl.int64) * q_len + offs_m, tl.full([BLOCK_M], float("-inf"), tl.float32),
                  mask=offs_m < q_len)
         return
@@ -401,22 +422,19 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi
               PRECISION: tl.constexpr, TMA: tl.constexpr):
     """``dQ += dS K`` over steps ``first`` to ``end`` of the key blocks ``blocks``, with
     ``dS = P * (dO V^T - delta)``."""
-    SUBS: tl.constexpr = BK // BLOCK_N
     CHECK: tl.constexpr = (KIND != FULL) & CUT  # bounds-checked loads
     start_n = _step_start(blocks, first, end, BK, BLOCK_N)
     for step in range(first, end):
-        at_n = start_n
-        offs_n = at_n + tl.arange(0, BLOCK_N)
-        start_n = _step_start(blocks, step + 1, end, BK, BLOCK_N)
-        k = _load_step(k_desc, k_base, b, kv_head, at_n, offs_n, kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, CHECK,
-                       TMA)
+        at_n, offs_n, start_n, k, pattern = _key_step(blocks, step, end, start_n, pattern_of, k_desc, k_base, b, kv_head,
+                                                      kv_len, stride_kn, stride_kd, HEAD_D, BLOCK_D, BK, BLOCK_N,
+                                                      CHECK, TMA)
         v = _load_step(v_desc, v_base, b, kv_head, at_n, offs_n, kv_len, stride_vn, stride_vd, HEAD_DV, BLOCK_DV,
                        CHECK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p = _masked(tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0, offs_m[:, None], offs_n[None, :],
                     offs_n[None, :], at_n, row_lo[:, None], row_hi[:, None], whole_lo, whole_hi, q_len, kv_len,
-                    mask_args, mask_data, patterns, pattern_of + step // SUBS, partial_mask, KIND, SPANS, BLOCK_N,
+                    mask_args, mask_data, patterns, pattern, partial_mask, KIND, SPANS, BLOCK_N,
                     BQ, BK)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -434,20 +452,14 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                  PRECISION: tl.constexpr, TMA: tl.constexpr, ADD_DQ: tl.constexpr):
-    tl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
-    tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at = \
-        _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks,
-                    N_MASK_HEADS, ARGS_WIDTH, SPANS, BQ, BLOCK_M)
-    if start_m >= q_len:
-        return
-    full_ptr, full_idx, part_ptr, part_idx, part_pattern = _query_lists(T, FWD_FULL_PTR, FWD_FULL_IDX, FWD_PART_PTR,
-                                                                        FWD_PART_IDX, FWD_PART_PATTERN)
+    (bh, b, h, slot, start_m, offs_m, kv_head, k_base, v_base, mask_args, mask_data, span_lo, span_hi, at, full_ptr,
+     full_idx, part_ptr, part_idx, part_pattern, listed) = _query_rows(
+        T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, group, q_len, n_q_blocks, N_MASK_HEADS,
+        ARGS_WIDTH, SPANS, ONE_LOOP, BQ, BK, BLOCK_M, BLOCK_N)
     dq_base = dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    if _listed(full_ptr, part_ptr, at, ONE_LOOP) == 0:  # rows no dK/dV program visits: no row terms either
+    if listed == 0:  # rows no dK/dV program visits: no row terms either
         if not ADD_DQ:  # a sum of dQ keeps what it holds
-            _store_tile(dq_base, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), offs_m, q_len, stride_dqm,
-                        stride_dqd, HEAD_D, BLOCK_D)
+            _store_zeros(dq_base, offs_m, q_len, stride_dqm, stride_dqd, HEAD_D, BLOCK_M, BLOCK_D)
         return
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, q_len, stride_qm,
                    stride_qd, HEAD_D, BLOCK_D, CUT)
@@ -549,10 +561,8 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
         listed += _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS) *
                           (n_kv_blocks + 1) + kb, ONE_LOOP)
     if listed == 0:  # keys no query of the group's heads attends: zeros, K and V unread
-        _store_tile(dk_base, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), offs_n, kv_len, stride_dkn, stride_dkd,
-                    HEAD_D, BLOCK_D)
-        _store_tile(dv_base, tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32), offs_n, kv_len, stride_dvn,
-                    stride_dvd, HEAD_DV, BLOCK_DV)
+        _store_zeros(dk_base, offs_n, kv_len, stride_dkn, stride_dkd, HEAD_D, BLOCK_N, BLOCK_D)
+        _store_zeros(dv_base, offs_n, kv_len, stride_dvn, stride_dvd, HEAD_DV, BLOCK_N, BLOCK_DV)
         return
     k = _load_tile(K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, offs_n, kv_len, stride_kn,
                    stride_kd, HEAD_D, BLOCK_D, CUT)
