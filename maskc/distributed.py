@@ -405,7 +405,8 @@ def plan_report(spec: Spec, world_size: int, strategies: Optional[Sequence[str]]
     for plan in plans:
         run = sum(not t.empty for row in plan.tiles for t in row)
         lines += ["", f"{plan.strategy}: {plan.n_chunks} chunks ({plan.n_chunks // p} per rank), "
-                  f"{plan.n_steps} ring steps of {p}; busiest/mean work {plan.imbalance:.3f}; "
+                  f"{plan.n_steps} ring steps of {p}; busiest/mean work {plan.imbalance:.3f}, modeled time "
+                  f"{plan.time_imbalance:.3f}; "
                   f"tiles computed {run}, skipped {p * p - run} of {p * p}",
                   f"  {'rank':>4} {'tokens':>9} {'work (pairs)':>16} {'/mean':>6} {'tiles':>5} "
                   f"{'fwd sent':>10} {'plain ring':>10} {'bwd sent':>10} {'plain ring':>10}"]

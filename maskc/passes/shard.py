@@ -14,14 +14,17 @@ the same number of them; its shard is its chunks in sequence order:
 * ``zigzag``: 2P chunks, rank ``r`` owns chunks ``r`` and ``2P - 1 - r``;
 * ``balanced``: ``k P`` chunks for ``k`` = 1, 2, 4, ... and two starting
   layouts (striped: chunk ``c`` on rank ``c mod P``; folded: zigzag repeated),
-  chunks swapped between ranks until the busiest rank is within ``tolerance``
-  of the mean (``_balance``); of the candidates balanced that well (or as well
-  as any got), the one whose busiest sender sends the fewest K/V tokens wins.
+  chunks swapped between ranks until the busiest rank's modeled time is within
+  ``tolerance`` of the mean (``_balance``, then ``_even_tiles`` for the tiles'
+  own cost); of the candidates balanced that well (or as well as any got), the
+  one whose busiest sender sends the fewest K/V tokens wins.
 
 Work is the exact number of allowed ``(query, key)`` pairs of every
 ``(query chunk, key chunk)`` pair (``pair_work``), counted from the per-row key
 intervals of ``lower`` in time linear in the tokens: the mask is never
-materialised. A shard travels round the ring only as far as the last rank that
+materialised. Time is modeled from the chunk pairs' FULL and PARTIAL blocks
+(``block_cost``: a PARTIAL block costs more, its mask is applied pair by pair)
+and a cost per tile (``TILE_COST_KEYS``), fitted to the kernels' measured times. A shard travels round the ring only as far as the last rank that
 needs it (``last_hop``): a document-causal mask needs few hops, a causal one
 all of them. In the backward pass the K/V shards travel again, and the dK/dV
 share of every tile with work goes straight to the shard's owner
@@ -37,6 +40,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Optional
+
 import numpy as np
 
 from ..errors import SpecError
@@ -44,6 +49,7 @@ from ..ir import nodes as ir
 from ..ir.spec import Spec
 from ..partitioning import crop_spec, split_points
 from . import intervals as iv
+from .classify import classify
 from .lower import Bounds, Lower
 from .pipeline import Pass, run_pipeline
 from .simplify import Simplify
@@ -53,31 +59,64 @@ STRATEGIES = ("contiguous", "zigzag", "balanced")
 #: Elements of the mask evaluated at a time for ``Dense``/``Predicate`` heads.
 EVAL_BATCH = 1 << 22
 
+#: The cost model ``balanced`` evens out, in pairs: a FULL block of ``COST_BLOCK`` x ``COST_BLOCK``
+#: costs its pairs, a PARTIAL one ``PARTIAL_COST`` times as much (its mask is applied pair by
+#: pair), and each ring tile ``TILE_COST_KEYS`` keys for every query row of its rank (its launches
+#: and the zeros it writes). Fitted on an H200 (bench/RESULTS.md, ``ring_rehearsal.py --tiles``,
+#: 41 document-causal tiles of 16K x 16K): 1.05 ms per thousand FULL blocks, 2.69 ms per thousand
+#: PARTIAL ones and 0.21 ms a tile, which put each rank's time within 3% of the measured one.
+COST_BLOCK = 128
+PARTIAL_COST = 2.5
+TILE_COST_KEYS = 192
 
-def pair_work(rows: iv.Rows, starts: np.ndarray) -> np.ndarray:
-    """``int64[C, C]``: allowed pairs of every (query chunk, key chunk), from exact row intervals.
 
-    The keys of ``[lo, hi)`` inside key chunk ``b`` are ``F_b(hi) - F_b(lo)`` with
+def _overlaps(q_chunk: np.ndarray, lo: np.ndarray, hi: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``int64[C, C]``: per (query chunk, key chunk), how much of the intervals ``[lo, hi)`` of
+    items in query chunk ``q_chunk`` lies inside the key chunk.
+
+    The part of ``[lo, hi)`` inside key chunk ``b`` is ``F_b(hi) - F_b(lo)`` with
     ``F_b(x) = clip(x - starts[b], 0, len_b)``: all of chunk ``b`` when ``x`` lies
     in a later chunk, ``x - starts[b]`` when it lies in ``b``, none before. So
     every interval end adds (``hi``) or removes (``lo``) its offset inside its own
     chunk and one whole chunk for every chunk before it; summed per query chunk
-    with ``bincount`` and a suffix sum, that is linear in the rows.
+    with ``bincount`` and a suffix sum, that is linear in the items.
     (``bincount`` sums in float64, exact while sums stay below 2**53, i.e. for
     sequences under 67M tokens.)
     """
     n = len(starts) - 1
-    q_chunk = np.repeat(np.arange(n, dtype=np.int64), np.diff(starts))
-    ends = np.concatenate([rows.hi, rows.lo], axis=1)
-    sign = np.concatenate([np.ones_like(rows.hi), -np.ones_like(rows.lo)], axis=1)
+    ends = np.concatenate([hi, lo])
+    sign = np.concatenate([np.ones_like(hi), -np.ones_like(lo)])
     k_chunk = np.searchsorted(starts, ends, side="right") - 1  # the sequence's end is chunk n
-    cell = (q_chunk[:, None] * (n + 1) + k_chunk).ravel()
+    cell = np.concatenate([q_chunk, q_chunk]) * (n + 1) + k_chunk
     size = n * (n + 1)
-    crossings = np.bincount(cell, weights=sign.ravel(), minlength=size).reshape(n, n + 1)
-    inside = np.bincount(cell, weights=(sign * (ends - starts[k_chunk])).ravel(), minlength=size).reshape(n, n + 1)
+    crossings = np.bincount(cell, weights=sign, minlength=size).reshape(n, n + 1)
+    inside = np.bincount(cell, weights=sign * (ends - starts[k_chunk]), minlength=size).reshape(n, n + 1)
     later = np.cumsum(crossings[:, ::-1], axis=1)[:, ::-1]  # ends in chunk b or after it
     work = inside[:, :n] + np.diff(starts)[None, :] * later[:, 1:]
     return np.rint(work).astype(np.int64)
+
+
+def pair_work(rows: iv.Rows, starts: np.ndarray) -> np.ndarray:
+    """``int64[C, C]``: allowed pairs of every (query chunk, key chunk), from exact row intervals,
+    in time linear in the rows (``_overlaps``)."""
+    q_chunk = np.repeat(np.arange(len(starts) - 1, dtype=np.int64), np.diff(starts))
+    return _overlaps(np.repeat(q_chunk, rows.lo.shape[1]), rows.lo.ravel(), rows.hi.ravel(), starts)
+
+
+def block_cost(simplified: Spec, rows: dict, starts: np.ndarray) -> Optional[np.ndarray]:
+    """``int64[C, C]``: the cost model's work (``PARTIAL_COST``) of every (query chunk, key chunk),
+    from the heads' block maps, where every chunk boundary is a multiple of ``COST_BLOCK`` and
+    every head's intervals are exact; ``None`` elsewhere (the pairs stand in)."""
+    if np.any(starts % COST_BLOCK) or not all(bounds.exact for bounds in rows.values()):
+        return None
+    n, at = simplified.q_len, starts // COST_BLOCK
+    per_mask = {}
+    for mask, bounds in rows.items():
+        blocks = classify(bounds, mask, n, n, COST_BLOCK, COST_BLOCK)
+        full, partial = (_overlaps(np.searchsorted(at, runs.group, side="right") - 1, runs.lo, runs.hi, at)
+                         for runs in (blocks.full, blocks.partial))
+        per_mask[mask] = np.rint((full + PARTIAL_COST * partial) * COST_BLOCK ** 2).astype(np.int64)
+    return sum(per_mask[m] for m in simplified.heads)
 
 
 def _undecided_work(mask: ir.Mask, bounds: Bounds, starts: np.ndarray) -> np.ndarray:
@@ -147,6 +186,8 @@ class ShardPlan:
     starts: np.ndarray
     owner: np.ndarray
     pair_work: np.ndarray = field(repr=False)
+    #: the busiest rank's modeled compute time over the mean (``block_cost``, ``TILE_COST_KEYS``)
+    time_imbalance: float = 1.0
 
     # -- the sharding ----------------------------------------------------------
     @property
@@ -390,6 +431,76 @@ def _balance(pair_work: np.ndarray, owner: np.ndarray, p: int, target: float) ->
     return owner
 
 
+def _rank_costs(cost: np.ndarray, owner: np.ndarray, p: int, per_tile: int) -> np.ndarray:
+    """Each rank's modeled time: the cost of its tiles and ``per_tile`` for each of them."""
+    by_rank = np.eye(p, dtype=np.int64)[owner]
+    ranks = by_rank.T @ cost @ by_rank
+    return ranks.sum(axis=1) + (ranks > 0).sum(axis=1) * per_tile
+
+
+def _even_tiles(pair_work: np.ndarray, owner: np.ndarray, p: int, per_tile: int, ratio: float) -> np.ndarray:
+    """Swap chunks while the busiest rank's modeled time exceeds ``ratio`` times the mean and a swap
+    lowers it: the cost of its chunk pairs (``pair_work``: the cost model's) and ``per_tile`` for
+    each rank whose keys its queries attend.
+
+    ``_balance`` evens out the chunk pairs' cost; ranks can still run 4 or 6 tiles for it. Every swap
+    of a chunk ``a`` of the busiest rank ``r`` with a chunk ``b`` of rank ``o`` is scored at once:
+    with ``E`` the one-hot owners, the rank-pair work ``W = E^T PW E`` becomes
+    ``W + d g + h d^T + s d d^T`` for ``d = u_o - u_r``, ``g`` the work of ``a``'s queries minus
+    ``b``'s against each rank's keys, ``h`` the same for their keys, and
+    ``s = PW[a,a] - PW[a,b] - PW[b,a] + PW[b,b]``. So rows ``o`` and ``r`` change, and in every
+    other row only columns ``o`` and ``r``, by ``+h`` and ``-h``: its total stays, its tiles may
+    not. Swaps keep every rank's chunk count, and each accepted swap lowers the sorted cost
+    vector, so the loop ends."""
+    owner = owner.copy()
+    work = pair_work.astype(np.int64)
+    by_rank = np.eye(p, dtype=np.int64)[owner]
+    queries = work @ by_rank  # queries[c, s]: pairs of chunk c's queries against rank s's keys
+    keys = work.T @ by_rank  # keys[c, q]: pairs of rank q's queries against chunk c's keys
+    ranks = by_rank.T @ queries  # ranks[q, s]: rank q's queries against rank s's keys
+    for _ in range(8 * len(owner) if p > 1 else 0):
+        total, tiles = ranks.sum(axis=1), (ranks > 0).sum(axis=1)
+        now = total + tiles * per_tile
+        r = int(np.argmax(now))
+        if now[r] <= ratio * now.mean():
+            break
+        mine, others = np.flatnonzero(owner == r), np.flatnonzero(owner != r)
+        a, b = np.repeat(mine, len(others)), np.tile(others, len(mine))
+        o = owner[b]
+        g = queries[a] - queries[b]
+        h = keys[a] - keys[b]
+        s = work[a, a] - work[a, b] - work[b, a] + work[b, b]
+        n = np.arange(len(a))
+        h_o, h_r = h[n, o], h[:, r]
+        row_o = ranks[o] + g  # rows o and r after the swap
+        row_o[n, o] += h_o + s
+        row_o[:, r] -= h_o + s
+        row_r = ranks[r][None, :] - g
+        row_r[n, o] += h_r - s
+        row_r[:, r] += s - h_r
+        col_o = ranks[:, o].T + h  # columns o and r of the other rows
+        col_r = ranks[:, r][None, :] - h
+        new = now[None, :] + per_tile * ((col_o > 0).astype(np.int64) + (col_r > 0)
+                                         - (ranks[:, o].T > 0) - (ranks[:, r] > 0)[None, :])
+        new[n, o] = row_o.sum(axis=1) + (row_o > 0).sum(axis=1) * per_tile
+        new[:, r] = row_r.sum(axis=1) + (row_r > 0).sum(axis=1) * per_tile
+        busiest = new.max(axis=1)
+        best = int(np.argmin(busiest))
+        if busiest[best] >= now[r]:
+            break
+        a, b, o = a[best], b[best], o[best]
+        ranks[:, o], ranks[:, r] = col_o[best], col_r[best]
+        ranks[o], ranks[r] = row_o[best], row_r[best]
+        owner[a], owner[b] = o, r
+        moved = work[:, a] - work[:, b]
+        queries[:, o] += moved
+        queries[:, r] -= moved
+        moved = work[a, :] - work[b, :]
+        keys[:, o] += moved
+        keys[:, r] -= moved
+    return owner
+
+
 def _candidates(strategy: str, p: int, seq_len: int, max_chunks_per_rank: int, min_chunk: int):
     """``(starts, owner layouts)`` to evaluate: one for contiguous/zigzag, several for balanced."""
     if strategy == "contiguous":
@@ -434,17 +545,25 @@ def plan_shards(simplified: Spec, rows: dict, spec: Spec, world_size: int, strat
     # count once, on the pieces every candidate's chunks are made of, and add pieces up per candidate
     pieces = np.unique(np.concatenate([starts for starts, _ in candidates]))
     piece_work = spec_pair_work(simplified, rows, pieces)
+    piece_cost = block_cost(simplified, rows, pieces) if strategy == "balanced" else None
+    piece_cost = piece_work if piece_cost is None else piece_cost
+    per_tile = TILE_COST_KEYS * (spec.q_len // world_size) * len(simplified.heads)
     plans = []
     for starts, owners in candidates:
         first = np.searchsorted(pieces, starts[:-1])
-        work = np.add.reduceat(np.add.reduceat(piece_work, first, axis=0), first, axis=1)
+        work, cost = (np.add.reduceat(np.add.reduceat(x, first, axis=0), first, axis=1)
+                      for x in (piece_work, piece_cost))
         for owner in owners:
             if strategy == "balanced":
-                owner = _balance(work, owner, world_size, work.sum() / world_size * (1 + tolerance))
-            plans.append(ShardPlan(spec, strategy, world_size, starts, owner, work))
-    good_enough = max(min(plan.imbalance for plan in plans), 1 + tolerance)
-    return min((plan for plan in plans if plan.imbalance <= good_enough),
-               key=lambda plan: (max(plan.sent_tokens(r) for r in range(world_size)), plan.n_chunks, plan.imbalance))
+                owner = _balance(cost, owner, world_size, cost.sum() / world_size * (1 + tolerance))
+                owner = _even_tiles(cost, owner, world_size, per_tile, 1 + tolerance / 2)
+            times = _rank_costs(cost, owner, world_size, per_tile)
+            plans.append(ShardPlan(spec, strategy, world_size, starts, owner, work,
+                                   float(times.max() / times.mean()) if times.any() else 1.0))
+    good_enough = max(min(plan.time_imbalance for plan in plans), 1 + tolerance)
+    return min((plan for plan in plans if plan.time_imbalance <= good_enough),
+               key=lambda plan: (max(plan.sent_tokens(r) for r in range(world_size)), plan.n_chunks,
+                                 plan.time_imbalance))
 
 
 @dataclass(frozen=True)
@@ -471,8 +590,8 @@ def shard_plan(spec: Spec, world_size: int, strategy: str = "balanced", *, max_c
 
     ``strategy`` is ``contiguous``, ``zigzag`` or ``balanced``. For ``balanced``,
     ranks own up to ``max_chunks_per_rank`` chunks of at least ``min_chunk``
-    tokens; of the layouts whose busiest rank works at most ``1 + tolerance``
-    times the mean (or as little as the best layout found), the one whose
+    tokens; of the layouts whose busiest rank's modeled time is at most ``1 + tolerance``
+    times the mean (or as close as the best layout found), the one whose
     busiest sender sends the fewest K/V tokens is chosen. Raises ``ValueError``
     for a sequence the strategy cannot split and for bad arguments.
     """
