@@ -24,7 +24,8 @@ Work is the exact number of allowed ``(query, key)`` pairs of every
 intervals of ``lower`` in time linear in the tokens: the mask is never
 materialised. Time is modeled from the chunk pairs' FULL and PARTIAL blocks
 (``block_cost``: a PARTIAL block costs more, its mask is applied pair by pair)
-and a cost per tile (``TILE_COST_KEYS``), fitted to the kernels' measured times. A shard travels round the ring only as far as the last rank that
+and a cost per tile (``TILE_COST_KEYS``), fitted to the kernels' measured
+times. A shard travels round the ring only as far as the last rank that
 needs it (``last_hop``): a document-causal mask needs few hops, a causal one
 all of them. In the backward pass the K/V shards travel again, and the dK/dV
 share of every tile with work goes straight to the shard's owner
@@ -433,17 +434,22 @@ def _balance(pair_work: np.ndarray, owner: np.ndarray, p: int, target: float) ->
     return owner
 
 
+def _times(ranks: np.ndarray, per_tile: int) -> np.ndarray:
+    """Modeled time of each row of rank-pair costs (``[..., P]``: one rank's queries against every
+    rank's keys): the costs and ``per_tile`` for each tile that has any."""
+    return ranks.sum(axis=-1) + (ranks > 0).sum(axis=-1) * per_tile
+
+
 def _rank_costs(cost: np.ndarray, owner: np.ndarray, p: int, per_tile: int) -> np.ndarray:
-    """Each rank's modeled time: the cost of its tiles and ``per_tile`` for each of them."""
+    """Each rank's modeled time under ``owner``."""
     by_rank = np.eye(p, dtype=np.int64)[owner]
-    ranks = by_rank.T @ cost @ by_rank
-    return ranks.sum(axis=1) + (ranks > 0).sum(axis=1) * per_tile
+    return _times(by_rank.T @ cost @ by_rank, per_tile)
 
 
-def _even_tiles(pair_work: np.ndarray, owner: np.ndarray, p: int, per_tile: int, ratio: float) -> np.ndarray:
+def _even_tiles(cost: np.ndarray, owner: np.ndarray, p: int, per_tile: int, ratio: float) -> np.ndarray:
     """Swap chunks while the busiest rank's modeled time exceeds ``ratio`` times the mean and a swap
-    lowers it: the cost of its chunk pairs (``pair_work``: the cost model's) and ``per_tile`` for
-    each rank whose keys its queries attend.
+    lowers it: the cost of its chunk pairs (``cost``: the cost model's) and ``per_tile`` for each
+    rank whose keys its queries attend.
 
     ``_balance`` evens out the chunk pairs' cost; ranks can still run 4 or 6 tiles for it. Every swap
     of a chunk ``a`` of the busiest rank ``r`` with a chunk ``b`` of rank ``o`` is scored at once:
@@ -455,14 +461,13 @@ def _even_tiles(pair_work: np.ndarray, owner: np.ndarray, p: int, per_tile: int,
     not. Swaps keep every rank's chunk count, and each accepted swap lowers the sorted cost
     vector, so the loop ends."""
     owner = owner.copy()
-    work = pair_work.astype(np.int64)
+    work = cost.astype(np.int64)
     by_rank = np.eye(p, dtype=np.int64)[owner]
     queries = work @ by_rank  # queries[c, s]: pairs of chunk c's queries against rank s's keys
     keys = work.T @ by_rank  # keys[c, q]: pairs of rank q's queries against chunk c's keys
     ranks = by_rank.T @ queries  # ranks[q, s]: rank q's queries against rank s's keys
     for _ in range(8 * len(owner) if p > 1 else 0):
-        total, tiles = ranks.sum(axis=1), (ranks > 0).sum(axis=1)
-        now = total + tiles * per_tile
+        now = _times(ranks, per_tile)
         r = int(np.argmax(now))
         if now[r] <= ratio * now.mean():
             break
@@ -484,8 +489,8 @@ def _even_tiles(pair_work: np.ndarray, owner: np.ndarray, p: int, per_tile: int,
         col_r = ranks[:, r][None, :] - h
         new = now[None, :] + per_tile * ((col_o > 0).astype(np.int64) + (col_r > 0)
                                          - (ranks[:, o].T > 0) - (ranks[:, r] > 0)[None, :])
-        new[n, o] = row_o.sum(axis=1) + (row_o > 0).sum(axis=1) * per_tile
-        new[:, r] = row_r.sum(axis=1) + (row_r > 0).sum(axis=1) * per_tile
+        new[n, o] = _times(row_o, per_tile)
+        new[:, r] = _times(row_r, per_tile)
         busiest = new.max(axis=1)
         best = int(np.argmin(busiest))
         if busiest[best] >= now[r]:
@@ -547,8 +552,8 @@ def plan_shards(simplified: Spec, rows: dict, spec: Spec, world_size: int, strat
     # count once, on the pieces every candidate's chunks are made of, and add pieces up per candidate
     pieces = np.unique(np.concatenate([starts for starts, _ in candidates]))
     piece_work = spec_pair_work(simplified, rows, pieces)
-    piece_cost = block_cost(simplified, rows, pieces) if strategy == "balanced" else None
-    piece_cost = piece_work if piece_cost is None else piece_cost
+    piece_cost = block_cost(simplified, rows, pieces)
+    piece_cost = piece_work if piece_cost is None else piece_cost  # one model for every strategy's report
     per_tile = TILE_COST_KEYS * (spec.q_len // world_size) * len(simplified.heads)
     plans = []
     for starts, owners in candidates:
