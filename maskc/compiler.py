@@ -255,6 +255,15 @@ class CompiledMask:
         return attention_backward(self, q, k, v, out, lse, d_out, d_lse, scale=scale, backend=backend,
                                   dq_sum=dq_sum)
 
+    def kernel_paths(self, q, k, v, backend: Optional[str] = None) -> dict[str, str]:
+        """Which kernel a call with these tensors runs for its forward and its two backward kernels
+        (``"forward"``, ``"dq"``, ``"dkdv"``): ``"sm90-gluon"`` (the Hopper fast path),
+        ``"triton"`` followed by why the fast path does not apply, ``"triton-decode"`` or
+        ``"reference"``."""
+        from .codegen.op import kernel_paths
+
+        return kernel_paths(self, q, k, v, backend)
+
     def __repr__(self) -> str:
         c = self.tile_counts()
         return (

@@ -3,8 +3,8 @@
 In the order of Triton's fused-attention tutorial: helpers, the forward, the
 backward. The host side is ``plan.py`` (what the kernels read) and
 ``launch.py`` (how they are called). Masks of few query rows of long reach
-(decoding) run their forward through ``decode.py`` instead, which reuses the
-helpers here.
+(decoding) run their forward through ``decode.py`` instead, and on sm_90 GPUs
+most forwards run ``hopper.py``'s Gluon kernel; both reuse the helpers here.
 
 What a kernel reads. Every table of the mask is a section of one packed
 ``int32`` tensor ``T`` (``plan.py``: ``T[1 + 4 * section]`` is where a section starts),

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+import os
+import warnings
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -125,6 +127,121 @@ def descriptor(t: torch.Tensor, rows: int, use_tma: bool):
     return TensorDescriptor(t, list(t.shape), strides(t), [1, 1, rows, tuning.head_bucket(t.shape[-1])])
 
 
+# -- the sm_90 fast path ----------------------------------------------------------------------
+_hopper_module = None  # hopper.py once imported, or the reason it cannot be
+
+
+def _hopper():
+    """``hopper.py`` (the Gluon forward), imported on first use, or the reason it cannot be: an
+    installed Triton without the Gluon API it needs."""
+    global _hopper_module
+    if _hopper_module is None:
+        try:
+            from . import hopper
+            _hopper_module = hopper
+        except (ImportError, AttributeError, TypeError) as error:
+            _hopper_module = f"this Triton ({triton.__version__}) lacks the Gluon API of the sm_90 path ({error})"
+    return _hopper_module
+
+
+#: Per sm_90 launch key (``_sm90_key``): why the sm_90 forward does not run (``None``: it runs).
+#: Decided once per key, so that a call asks no device property (nor anything a CUDA graph
+#: capture cannot take) once its key is known.
+_sm90_decided: dict[tuple, Optional[str]] = {}
+
+
+def sm90_unsupported(structure: Structure, q, k, v) -> Optional[str]:
+    """Why the forward of these tensors under ``structure`` does not run the sm_90 Gluon kernel
+    (``hopper.py``), or ``None`` where it does."""
+    if os.environ.get("MASKC_GLUON", "1") == "0":
+        return "turned off by MASKC_GLUON=0"
+    if interpreting() or not q.is_cuda:
+        return "not on a CUDA GPU"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9:
+        return f"the GPU is sm_{capability[0]}{capability[1]}; the path is written for sm_90"
+    hopper = _hopper()
+    if isinstance(hopper, str):
+        return hopper
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"q.dtype={q.dtype}; the path takes float16 and bfloat16"
+    if q.shape[-1] not in hopper.CONFIGS or v.shape[-1] != q.shape[-1]:
+        return (f"head dims {q.shape[-1]} and {v.shape[-1]}; the path takes equal head dims of "
+                f"{', '.join(map(str, hopper.CONFIGS))}")
+    if structure.decode:
+        return "few rows of long reach run the decode kernel"
+    if not structure.spans:
+        return "the mask's PARTIAL tiles need its generated predicate"
+    block_m, block_n, _ = hopper.CONFIGS[q.shape[-1]]
+    if structure.block_q % block_m or structure.block_kv % block_n:
+        return f"block_size ({structure.block_q}, {structure.block_kv}) is not a multiple of ({block_m}, {block_n})"
+    if structure.q_len * structure.kv_len < TMA_MIN_PAIRS:
+        return f"fewer than {TMA_MIN_PAIRS} pairs: the host's descriptors cost more than the kernel saves"
+    if not (_aligned(q, k, v) and tma("forward", q, k, v)):
+        return "a tensor's strides or alignment do not allow a TMA descriptor"
+    return None
+
+
+def _sm90_launch(structure: Structure, q, k, v) -> Launch:
+    hopper = _hopper()
+    block_m, block_n, stages = hopper.CONFIGS[q.shape[-1]]
+    rows = block_m // 2 if hopper.PINGPONG else block_m  # a consumer partition's rows: one warp per 16
+    config = tuning.TileConfig(block_m, block_n, rows // 16, stages)
+    fixed = dict(n_heads=q.shape[1], group=q.shape[1] // k.shape[1], q_len=structure.q_len, kv_len=structure.kv_len,
+                 n_q_blocks=structure.n_q_blocks, ONE_LOOP=structure.one_loop,
+                 TRIM=structure.trim("forward", block_m, block_n), N_MASK_HEADS=structure.n_mask_heads,
+                 BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
+                 STAGES=stages, OVERLAP=hopper.OVERLAP, PINGPONG=hopper.PINGPONG, maxnreg=hopper.MAX_REGS)
+    grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
+    return Launch(hopper._attn_fwd_sm90, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"),
+                  config, {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True,
+                  lambda t, rows: hopper.descriptor(t, strides(t), rows))
+
+
+def _sm90_key(structure: Structure, q, k, v) -> tuple:
+    """What decides the sm_90 forward of a call: its launch key and the switches that apply."""
+    return _key("forward_sm90", structure, _aligned(q, k, v), q, k, v) + (os.environ.get("MASKC_GLUON", "1"),
+                                                                         TMA_MIN_PAIRS)
+
+
+def _sm90_reason(key: tuple, structure: Structure, q, k, v) -> Optional[str]:
+    if key not in _sm90_decided:
+        _sm90_decided[key] = sm90_unsupported(structure, q, k, v)
+    return _sm90_decided[key]
+
+
+def _forward_sm90(structure: Structure, tables, q, k, v, out, lse, qk_scale: float) -> bool:
+    """Run the sm_90 forward where it applies; ``False`` where the Triton forward must run."""
+    key = _sm90_key(structure, q, k, v)
+    values = (q, k, v, out, lse, tables, qk_scale)
+    found = _launches.get(key)
+    if found is not None:
+        found(values)
+        return True
+    if _sm90_reason(key, structure, q, k, v) is not None:
+        return False
+    try:
+        found = _sm90_launch(structure, q, k, v)
+        found(values)  # the first call compiles
+    except Exception as error:  # a Triton whose Gluon compiles differently: Triton's forward instead
+        _sm90_decided[key] = f"the sm_90 kernel failed to compile: {type(error).__name__}: {error}"
+        warnings.warn(f"maskc: {_sm90_decided[key]}; the Triton forward runs instead", RuntimeWarning, stacklevel=3)
+        return False
+    _launches[key] = found
+    return True
+
+
+def kernel_paths(structure: Structure, q, k, v) -> dict[str, str]:
+    """Which kernel runs each part of a call with these tensors: ``"sm90-gluon"`` or
+    ``"triton"``, with the reason where the sm_90 path does not apply."""
+    reason = _sm90_reason(_sm90_key(structure, q, k, v), structure, q, k, v)
+    if structure.decode:
+        forward = "triton-decode"
+    else:
+        forward = "sm90-gluon" if reason is None else f"triton ({reason})"
+    return {"forward": forward, "dq": "triton", "dkdv": "triton"}
+
+
 # -- launches -----------------------------------------------------------------------------------
 def _hooks_set() -> bool:
     hook = triton.knobs.runtime.launch_enter_hook
@@ -137,12 +254,15 @@ class Launch:
     raises ``OutOfResources``) and returns it; later ones call its launcher directly with
     ``template``, the arguments in the kernel's order, where the per-call ``names`` are filled
     in. The values of the names in ``descriptors`` are tensors that the kernel copies with TMA:
-    each is wrapped in a descriptor for tiles of that many rows, a copy of one made at the first
-    call with the new tensor in it (the key fixes shapes and strides)."""
+    each is wrapped in a descriptor for tiles of that many rows (by ``describe``), a copy of one
+    made at the first call with the new tensor in it (the key fixes shapes and strides). Compile
+    options that are no argument (``maxnreg``) may be in ``fixed``."""
 
     def __init__(self, kernel, grid: tuple[int, int, int], fixed: dict, names: tuple[str, ...],
-                 config: tuning.TileConfig, descriptors: dict[str, int], aligned: bool):
+                 config: tuning.TileConfig, descriptors: dict[str, int], aligned: bool,
+                 describe: Callable = lambda t, rows: descriptor(t, rows, True)):
         self.kernel, self.grid, self.config, self.aligned = kernel, grid, config, aligned
+        self.describe = describe  # (tensor, rows) -> the descriptor the kernel takes
         self.fixed, self.names = fixed, names
         order = kernel.arg_names
         self.template = [fixed.get(name) for name in order]
@@ -157,7 +277,7 @@ class Launch:
         for n, rows in self.descriptors.items():
             made = self.made.get(n)
             if made is None:
-                made = self.made[n] = descriptor(values[n], rows, True)
+                made = self.made[n] = self.describe(values[n], rows)
             else:
                 made = copy.copy(made)
                 made.base = values[n]
@@ -165,6 +285,7 @@ class Launch:
         return values
 
     def __call__(self, values: tuple) -> None:
+        device = values[0].device.index  # a tensor: the first argument is never a descriptor's
         if self.descriptors:
             values = self._wrapped(values)
         compiled = self.compiled
@@ -182,7 +303,7 @@ class Launch:
         for slot, value in zip(self.slots, values):
             args[slot] = value
         run, function, metadata, current_stream = self.direct
-        run(*self.grid, current_stream(values[0].device.index), function, metadata, None, None, None, *args)
+        run(*self.grid, current_stream(device), function, metadata, None, None, None, *args)
 
 
 _launches: dict[tuple, Launch] = {}
@@ -272,6 +393,8 @@ def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
         from . import decode  # imports this module: here, not at the top
 
         return decode.forward(structure, tables, q, k, v, out, lse, scale * kernels.LOG2E.value)
+    if _forward_sm90(structure, tables, q, k, v, out, lse, scale * kernels.LOG2E.value):
+        return out, lse
     aligned = _aligned(q, k, v)
 
     def build(config: tuning.TileConfig) -> Launch:

@@ -187,6 +187,14 @@ def attention(cm, q, k, v, scale: Optional[float] = None, return_lse: bool = Fal
     return (out, lse) if return_lse else out
 
 
+def kernel_paths(cm, q, k, v, backend: Optional[str] = None) -> dict[str, str]:
+    """``CompiledMask.kernel_paths``: which kernel runs each part of a call with these tensors."""
+    call = _call(cm, q, k, v, backend)
+    if call.backend == "reference":
+        return dict.fromkeys(("forward", "dq", "dkdv"), "reference")
+    return _launch().kernel_paths(structure_of(call.key), q, k, v)
+
+
 def _traced(cm, q, k, v, scale, backend):
     """The call as ``torch.compile`` traces it: the registered op, the mask's tensors as inputs."""
     check_inputs(cm.q_len, cm.kv_len, cm.n_heads, q, k, v, scale)

@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""The sm_90 Gluon forward (issue 18) against maskc's Triton forward, FlexAttention, FA4 and SDPA.
+
+    python bench/hopper_bench.py                   # checks, then the speed table; adds a run to RESULTS.md
+    python bench/hopper_bench.py --no-write --sizes 32768
+    python bench/hopper_bench.py --skip speed      # the checks only
+
+One H200 (or H100), one process. Checks first: the sm_90 forward of each
+schedule variant against maskc's Triton forward and a float32 reference on
+sampled rows, over masks of ragged lengths, GQA, head dims 64/128/256 and
+empty rows (small problems take the path here: the size threshold is lifted).
+Then forward useful TFLOP/s (4 x head dim per allowed pair) of, per size and
+mask (batch 1, 16 heads, head dim 128, bf16): maskc's sm_90 forward and its
+variants, maskc's Triton forward, FlexAttention's Triton backend, its FLASH
+backend and FlashAttention-4 where ``flash_attn.cute`` is installed
+(``shared/tools/fa4-wheels.sh`` prepares it; FA4 runs document-causal through
+its varlen kernel and the window through ``window_size``), and SDPA on causal.
+The short table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench  # noqa: E402 - its HEADS and HEAD_DIM are the run's (--heads, --head-dim)
+from gpu_bench import (DEVICE, WINDOW, block_mask, flex, inputs, masks, max_error, ms, rows_reference,  # noqa: E402
+                       sample_rows, tflops)
+from results import add_command_run, gpu_machine  # noqa: E402
+
+import maskc  # noqa: E402 - gpu_bench put this checkout on the path
+from maskc.codegen import hopper, launch  # noqa: E402
+
+SECTION = "## sm_90 fast path (issue 18)"
+SIZES = (32768, 131072)
+MASK_NAMES = ("causal", "doc-causal", "window-1024")
+
+#: maskc's sm_90 schedule variants: module attributes of ``hopper.py`` set for the variant
+VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgroup": {"PINGPONG": False},
+            "sm90 3 stages": {"CONFIGS": {**hopper.CONFIGS, 128: (128, 128, 3)}}}
+
+
+@contextlib.contextmanager
+def variant(settings: dict, gluon: bool = True):
+    """maskc's forward with ``hopper.py`` settings changed (``gluon=False``: the Triton forward)."""
+    saved = {name: getattr(hopper, name) for name in settings}
+    env = os.environ.get("MASKC_GLUON")
+    os.environ["MASKC_GLUON"] = "1" if gluon else "0"
+    for name, value in settings.items():
+        setattr(hopper, name, value)
+    launch._launches.clear()
+    launch._sm90_decided.clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(hopper, name, value)
+        if env is None:
+            del os.environ["MASKC_GLUON"]
+        else:
+            os.environ["MASKC_GLUON"] = env
+        launch._launches.clear()
+        launch._sm90_decided.clear()
+
+
+# -- checks ------------------------------------------------------------------------------------
+CHECKS = [  # name, mask, q_len, kv_len, dtype, head dim, heads, kv heads
+    ("causal short rows", maskc.Causal(), 3000, 3000, torch.bfloat16, 128, 8, 8),
+    ("causal long rows", maskc.Causal(), 12000, 12000, torch.bfloat16, 128, 8, 8),
+    ("doc-causal ragged GQA", maskc.Documents(lengths=[1700, 2333, 1, 967]) & maskc.Causal(), 5001, 5001,
+     torch.float16, 64, 8, 2),
+    ("window cross MQA", maskc.SlidingWindow(left=700, align="bottom_right"), 3000, 7000, torch.bfloat16, 256, 4, 1),
+    ("prefix-lm", maskc.Prefix(length=1000) | maskc.Causal(), 6000, 6000, torch.bfloat16, 128, 4, 4),
+    ("ring tile, empty rows", maskc.Documents(lengths=[0, 3000, 2120], kv_lengths=[4000, 1120, 0]), 5120, 5120,
+     torch.bfloat16, 128, 4, 4),
+    ("chunked causal hd256", maskc.Chunked(size=1024) & maskc.Causal(), 5000, 5000, torch.bfloat16, 256, 4, 2),
+]
+
+
+def check(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> list:
+    spec = maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask)
+    cm = maskc.compile(spec)
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, q_len, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(1, kv_heads, kv_len, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(1, kv_heads, kv_len, head_dim, device=DEVICE, dtype=dtype)
+    rows = sample_rows(q_len, np.random.default_rng(0), 64)
+    groups = heads // kv_heads
+    want = rows_reference(spec, rows, q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
+    scale = 1 / math.sqrt(gpu_bench.HEAD_DIM)  # the reference's scale, whatever the head dim
+    with variant({}, gluon=False):
+        triton_out, triton_lse = cm(q, k, v, return_lse=True, scale=scale)
+    found = []
+    for label, settings in VARIANTS.items():
+        with variant(settings):
+            path = cm.kernel_paths(q, k, v)["forward"]
+            out, lse = cm(q, k, v, return_lse=True, scale=scale)
+            torch.cuda.synchronize()
+        nan = bool(out.isnan().any() or lse.isnan().any())
+        same_empty = torch.equal(torch.isfinite(lse), torch.isfinite(triton_lse))
+        found.append((name, label, path, max_error(out[:, :, rows], want), max_error(out, triton_out),
+                      max_error(lse.nan_to_num(0, 0, 0), triton_lse.nan_to_num(0, 0, 0)), nan, same_empty))
+        print(*found[-1], flush=True)
+    return found
+
+
+def checks() -> list:
+    saved, launch.TMA_MIN_PAIRS = launch.TMA_MIN_PAIRS, 0
+    try:
+        found = []
+        for case in CHECKS:
+            try:
+                found += check(*case)
+            except Exception as error:  # reported in the table; the other cases still run
+                print(f"{case[0]}: {type(error).__name__}: {error}", flush=True)
+                found.append((case[0], "-", f"failed: {type(error).__name__}: {error}"[:120], *[math.nan] * 3,
+                              True, False))
+        return found
+    finally:
+        launch.TMA_MIN_PAIRS = saved
+
+
+# -- speed ---------------------------------------------------------------------------------------
+def fa4():
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+        return flash_attn_func, flash_attn_varlen_func
+    except Exception as error:  # not installed here: the column stays empty
+        print(f"FA4 not available: {type(error).__name__}: {error}", flush=True)
+        return None
+
+
+def first(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def fa4_call(name: str, lengths, q, k, v):
+    """FA4 on ``name`` with q, k, v in its ``[B, N, H, D]`` layout; ``None`` where it has no such mask."""
+    found = fa4()
+    if found is None:
+        return None
+    func, varlen = found
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    if name == "causal":
+        return lambda: first(func(qt, kt, vt, causal=True))
+    if name == "window-1024":
+        return lambda: first(func(qt, kt, vt, causal=True, window_size=(WINDOW, 0)))
+    if name == "doc-causal":
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device=DEVICE, dtype=torch.int32)
+        longest = int(max(lengths))
+        q1, k1, v1 = (x[0] for x in (qt, kt, vt))
+        return lambda: first(varlen(q1, k1, v1, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                    max_seqlen_k=longest, causal=True))
+    return None
+
+
+flex_flash = torch.compile(partial(flex_attention, kernel_options={"BACKEND": "FLASH"}), dynamic=False)
+
+
+def speed(sizes, names, variants) -> list:
+    rows = []
+    for length in sizes:
+        rng = np.random.default_rng(length)
+        for name, (mask, mask_mod) in masks(length, rng, names).items():
+            spec = maskc.Spec(q_len=length, kv_len=length, mask=mask)
+            cm = maskc.compile(spec)
+            pairs = cm.allowed_pairs()
+            q, k, v = (x.detach() for x in inputs(length, length))
+            timed = {}
+            for label in variants:
+                with variant(VARIANTS[label]):
+                    cm(q, k, v)  # compiles; a variant that fails to runs Triton's forward, and is left out
+                    path = cm.kernel_paths(q, k, v)["forward"]
+                    print(label, path, flush=True)
+                    if path == "sm90-gluon":
+                        timed[label] = ms(lambda: cm(q, k, v))
+            with variant({}, gluon=False):
+                timed["triton"] = ms(lambda: cm(q, k, v))
+            bm = block_mask(mask_mod, length, length)
+            timed["flex"] = ms(lambda: flex(q, k, v, block_mask=bm))
+            try:
+                flex_flash(q, k, v, block_mask=bm)
+                timed["flex FLASH"] = ms(lambda: flex_flash(q, k, v, block_mask=bm))
+            except Exception as error:  # the FLASH backend needs FA4's CuTe DSL
+                print(f"flex FLASH: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            lengths = getattr(mask, "lengths", None) or next(
+                (m.lengths for m in getattr(mask, "of", []) if hasattr(m, "lengths")), None)
+            call = fa4_call(name, lengths, q, k, v)
+            if call is not None:
+                try:
+                    timed["FA4"] = ms(call)
+                except Exception as error:
+                    print(f"FA4 {name}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            if name == "causal":
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    timed["sdpa"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            for tool, millis in timed.items():
+                rows.append((name, length, tool, tflops(pairs, millis), millis))
+                print(rows[-1], flush=True)
+            del bm
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------
+def tables(check_rows, speed_rows) -> str:
+    out = []
+    if check_rows:
+        out += ["Checks: the sm_90 forward (each variant) on small problems; errors are the largest absolute "
+                "difference from a float32 reference on 64 sampled rows and from maskc's Triton forward.", "",
+                "| case | variant | path | vs float32 | vs Triton out | vs Triton LSE | NaN | same empty rows |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {c[0]} | {c[1]} | {c[2]} | {c[3]:.1e} | {c[4]:.1e} | {c[5]:.1e} | {c[6]} | {c[7]} |"
+                for c in check_rows]
+    if speed_rows:
+        by = {(r[0], r[1], r[2]): r for r in speed_rows}
+        tools = list(dict.fromkeys(r[2] for r in speed_rows))
+        out += ["", f"Forward useful TFLOP/s (batch 1, {gpu_bench.HEADS} heads, head dim {gpu_bench.HEAD_DIM}, bf16); "
+                "ratios of the "
+                "sm_90 forward to each tool in this run.", "",
+                "| mask | tokens | " + " | ".join(tools) + " | sm90 / triton | sm90 / flex | sm90 / FA4 | sm90 / flex FLASH |",
+                "|---|---|" + "---|" * (len(tools) + 4)]
+        for name, length in dict.fromkeys((r[0], r[1]) for r in speed_rows):
+            cells = [f"{by[name, length, t][3]:.0f}" if (name, length, t) in by else "" for t in tools]
+            sm90 = by[name, length, "sm90"][3] if (name, length, "sm90") in by else None
+            ratios = [f"{sm90 / by[name, length, t][3]:.2f}x" if sm90 and (name, length, t) in by else ""
+                      for t in ("triton", "flex", "FA4", "flex FLASH")]
+            out.append(f"| {name} | {length // 1024}K | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--masks", nargs="+", default=list(MASK_NAMES), choices=MASK_NAMES)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "speed"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="maskc's sm_90 variants to time (default all)")
+    parser.add_argument("--head-dim", type=int, default=gpu_bench.HEAD_DIM, help="of the speed table")
+    parser.add_argument("--heads", type=int, default=gpu_bench.HEADS, help="of the speed table")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    if torch.cuda.get_device_capability()[0] != 9:
+        sys.exit("the sm_90 forward needs an sm_90 GPU (H100, H200)")
+    check_rows = checks() if "checks" not in args.skip else []
+    gpu_bench.HEAD_DIM, gpu_bench.HEADS = args.head_dim, args.heads
+    speed_rows = speed(args.sizes, args.masks, args.variants) if "speed" not in args.skip else []
+    text = tables(check_rows, speed_rows)
+    if not args.no_write:
+        add_command_run(SECTION, gpu_machine(), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

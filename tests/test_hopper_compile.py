@@ -1,0 +1,70 @@
+"""The sm_90 Gluon forward (``codegen/hopper.py``) compiles for sm_90 with the installed Triton.
+
+It runs on GPUs only (``tests/gpu/test_hopper.py`` checks its results there); here,
+on the CPU, Triton compiles it down to a cubin for an sm_90 target that a stand-in
+driver reports, in a subprocess so that no other test sees that driver. This
+catches what a Triton release changes in the Gluon API before a GPU run does.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+
+SCRIPT = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class Sm90(DriverBase):  # reports an sm_90 GPU; compiles, never launches
+        def is_active(self): return True
+        def map_python_to_cpp_type(self, ty): return ty
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cpu")
+        def get_benchmarker(self): raise RuntimeError("no GPU")
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+
+    triton.runtime.driver.set_active(Sm90())
+    import maskc
+    from maskc.codegen import launch
+
+    CASES = [  # long rows (FULL and PARTIAL lists), short rows (one list), a cut sequence, GQA
+        (maskc.Causal(), 16384, 128, 4, 4),
+        (maskc.Documents(lengths=[1000, 3000, 96]) & maskc.Causal(), 4096, 64, 4, 2),
+        (maskc.SlidingWindow(left=1024), 4000, 256, 4, 1),
+    ]
+    for mask, n, head_dim, heads, kv_heads in CASES:
+        plan = maskc.compile(maskc.Spec(q_len=n, kv_len=n, mask=mask)).plan("cpu")
+        q = torch.empty(1, heads, n, head_dim, dtype=torch.bfloat16)
+        k = torch.empty(1, kv_heads, n, head_dim, dtype=torch.bfloat16)
+        lse = torch.empty(1, heads, n)
+        built = launch._sm90_launch(plan.structure, q, k, k)
+        values = built._wrapped((q, k, k, torch.empty_like(q), lse, plan.tables, 0.1))
+        arguments = dict(built.fixed, **dict(zip(built.names, values)))
+        kernel = built.kernel.warmup(grid=built.grid, num_warps=built.config.num_warps, **arguments)
+        assert "cubin" in kernel.asm and kernel.metadata.shared <= 232448, kernel.metadata.shared
+        print("compiled", head_dim, plan.structure.one_loop, plan.structure.cut)
+""")
+
+
+def test_the_sm90_forward_compiles_for_sm90():
+    compiling = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=compiling)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("compiled") == 3
+
+
+def test_kernel_paths_name_the_kernels_and_why_not_the_fast_path():
+    import maskc
+    import torch
+
+    cm = maskc.compile(maskc.Spec(q_len=256, kv_len=256, mask=maskc.Causal()))
+    q = torch.randn(1, 2, 256, 64)
+    assert cm.kernel_paths(q, q, q) == {"forward": "reference", "dq": "reference", "dkdv": "reference"}
+    paths = cm.kernel_paths(q, q, q, backend="triton")  # the interpreter runs Triton's kernels on the CPU
+    assert paths == {"forward": "triton (not on a CUDA GPU)", "dq": "triton", "dkdv": "triton"}
