@@ -82,8 +82,24 @@ def render_text(cm: CompiledMask, head: int = 0, max_width: int = 96) -> str:
         f"{100 * s['flops_skipped']:.2f}%; useful work in visited tiles: {100 * s['useful_in_visited']:.2f}%",
         f"empty rows (queries attending nothing): {ranges(rows.numpy())}",
         f"empty cols (keys nobody attends): {ranges(cols.numpy())}",
+        kernels_line(cm),
     ]
     return "\n".join(lines)
+
+
+def kernels_line(cm: CompiledMask) -> str:
+    """What the GPU kernels run for this mask: how PARTIAL tiles are tested, and whether the
+    forward can take the sm_90 Gluon kernel (``cm.kernel_paths(q, k, v)`` says it per call)."""
+    from .codegen.plan import USE_SPANS
+    from .codegen.spans import spans
+
+    if not (USE_SPANS and spans(cm) is not None):
+        return "kernels: PARTIAL tiles call the generated predicate; the forward runs Triton on every GPU"
+    if any(size % 128 for size in cm.block_size):
+        return (f"kernels: PARTIAL tiles test per-row spans; the forward runs Triton (the sm_90 Gluon kernel "
+                f"needs a block_size of multiples of 128, not {cm.block_size})")
+    return ("kernels: PARTIAL tiles test per-row spans; on sm_90 GPUs the forward runs the Gluon kernel "
+            "(fp16/bf16, head dims 64/128/256, 16M pairs or more), elsewhere Triton")
 
 
 def render_png(cm: CompiledMask, path, head: int = 0, max_size: int = 1024) -> None:

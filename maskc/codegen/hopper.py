@@ -15,11 +15,12 @@ them itself, as FlashAttention-3 does:
 * two **consumer partitions** of one warpgroup each take half the rows
   (``PINGPONG``): they read the same K/V buffers (an *empty* barrier waits for
   both), and while one runs its softmax the other's products keep the tensor
-  cores busy. Each also overlaps its own work: it issues step ``j``'s
-  ``S = Q K^T``, then step ``j - 1``'s ``O += P V``, waits for the first only
-  (``wgmma`` completes in order) and runs step ``j``'s softmax while ``P V`` is
-  still on the tensor cores (``OVERLAP``; without it each product is waited
-  for at once).
+  cores busy (no barrier orders their turns: the warp schedulers interleave
+  them). Each also overlaps its own work: it issues step ``j``'s ``S = Q K^T``,
+  then step ``j - 1``'s ``O += P V``, waits for the first only (``wgmma``
+  completes in order) and runs step ``j``'s softmax while ``P V`` is still on
+  the tensor cores (``OVERLAP``; without it each product is waited for at
+  once).
 
 ::
 
@@ -42,8 +43,8 @@ as zero (the copy engine fills them), rows past the end are not stored (the
 copy engine clips the output), and a row with nothing allowed gets output 0
 and LSE ``-inf``, never NaN.
 
-What it covers (``unsupported`` says why not, and the Triton forward runs
-instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64, 128
+What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths``
+say why not, and the Triton forward runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64, 128
 or 256, masks whose PARTIAL tiles test spans (no generated predicate, no bit
 patterns), table blocks that the tiles divide, tensors a TMA descriptor can
 describe, and problems of at least ``launch.TMA_MIN_PAIRS`` pairs (below that

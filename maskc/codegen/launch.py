@@ -212,6 +212,8 @@ def _sm90_reason(key: tuple, structure: Structure, q, k, v) -> Optional[str]:
 
 def _forward_sm90(structure: Structure, tables, q, k, v, out, lse, qk_scale: float) -> bool:
     """Run the sm_90 forward where it applies; ``False`` where the Triton forward must run."""
+    if structure.q_len * structure.kv_len < TMA_MIN_PAIRS:  # the common short call: no key to build
+        return False
     key = _sm90_key(structure, q, k, v)
     values = (q, k, v, out, lse, tables, qk_scale)
     found = _launches.get(key)
