@@ -152,7 +152,7 @@ _sm90_decided: dict[tuple, Optional[str]] = {}
 
 def sm90_unsupported(structure: Structure, q, k, v) -> Optional[str]:
     """Why the forward of these tensors under ``structure`` does not run the sm_90 Gluon kernel
-    (``hopper.py``), or ``None`` where it does."""
+    (``hopper.py``), or ``None`` where it does (decode structures never get here)."""
     if os.environ.get("MASKC_GLUON", "1") == "0":
         return "turned off by MASKC_GLUON=0"
     if interpreting() or not q.is_cuda:
@@ -168,8 +168,6 @@ def sm90_unsupported(structure: Structure, q, k, v) -> Optional[str]:
     if q.shape[-1] not in hopper.CONFIGS or v.shape[-1] != q.shape[-1]:
         return (f"head dims {q.shape[-1]} and {v.shape[-1]}; the path takes equal head dims of "
                 f"{', '.join(map(str, hopper.CONFIGS))}")
-    if structure.decode:
-        return "few rows of long reach run the decode kernel"
     if not structure.spans:
         return "the mask's PARTIAL tiles need its generated predicate"
     block_m, block_n, _ = hopper.CONFIGS[q.shape[-1]]
@@ -236,10 +234,10 @@ def _forward_sm90(structure: Structure, tables, q, k, v, out, lse, qk_scale: flo
 def kernel_paths(structure: Structure, q, k, v) -> dict[str, str]:
     """Which kernel runs each part of a call with these tensors: ``"sm90-gluon"`` or
     ``"triton"``, with the reason where the sm_90 path does not apply."""
-    reason = _sm90_reason(_sm90_key(structure, q, k, v), structure, q, k, v)
-    if structure.decode:
+    if structure.decode:  # few rows of long reach: the decode kernel (``forward``)
         forward = "triton-decode"
     else:
+        reason = _sm90_reason(_sm90_key(structure, q, k, v), structure, q, k, v)
         forward = "sm90-gluon" if reason is None else f"triton ({reason})"
     return {"forward": forward, "dq": "triton", "dkdv": "triton"}
 
