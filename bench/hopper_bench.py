@@ -12,8 +12,8 @@ empty rows (small problems take the path here: the size threshold is lifted).
 Then forward useful TFLOP/s (4 x head dim per allowed pair) of, per size and
 mask (batch 1, 16 heads, head dim 128, bf16): maskc's sm_90 forward and its
 variants, maskc's Triton forward, FlexAttention's Triton backend, its FLASH
-backend and FlashAttention-4 where ``flash_attn.cute`` is installed
-(``shared/tools/fa4-wheels.sh`` prepares it; FA4 runs document-causal through
+backend and FlashAttention-4 where ``flash_attn.cute`` (flash-attn-4) is
+installed (FA4 runs document-causal through
 its varlen kernel and the window through ``window_size``), and SDPA on causal.
 The short table comes last.
 """
