@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""The sm_90 Gluon forward (issue 18) against maskc's Triton forward, FlexAttention, FA4 and SDPA.
+"""maskc's sm_90 Gluon kernels (issue 18) against its Triton kernels, FlexAttention, FA4 and SDPA.
 
     python bench/hopper_bench.py                   # checks, then the speed table; adds a run to RESULTS.md
     python bench/hopper_bench.py --no-write --sizes 32768
     python bench/hopper_bench.py --skip speed      # the checks only
+    python bench/hopper_bench.py --skip checks --backward --sizes 32768   # forward and backward
 
 One H200 (or H100), one process. Checks first: the sm_90 forward of each
 schedule variant against maskc's Triton forward and a float32 reference on
@@ -15,7 +16,10 @@ variants, maskc's Triton forward, FlexAttention's Triton backend, its FLASH
 backend and FlashAttention-4 where ``flash_attn.cute`` (flash-attn-4) is
 installed (FA4 runs document-causal through
 its varlen kernel and the window through ``window_size``), and SDPA on causal.
-The short table comes last.
+With ``--backward`` each tool runs forward and backward (autograd) and the table
+gives both, the backward's useful TFLOP/s counting 2.5 times the forward's work;
+maskc's sm_90 variants then include the opt-in dK/dV kernel
+(``MASKC_GLUON_BACKWARD=1``) and its schedule variants. The short table comes last.
 """
 
 from __future__ import annotations
@@ -49,15 +53,20 @@ MASK_NAMES = ("causal", "doc-causal", "window-1024")
 
 #: maskc's sm_90 schedule variants: module attributes of ``hopper.py`` set for the variant
 VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgroup": {"PINGPONG": False},
-            "sm90 3 stages": {"CONFIGS": {**hopper.CONFIGS, 128: (128, 128, 3)}}}
+            "sm90 3 stages": {"CONFIGS": {**hopper.CONFIGS, 128: (128, 128, 3)}},
+            "sm90 dK/dV one partition": {"DKDV_PINGPONG": False},
+            "sm90 dK/dV no overlap": {"DKDV_OVERLAP": False},
+            "sm90 dK/dV 64-query steps": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (64, 128, 2)}},
+            "sm90 dK/dV 2 stages": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (32, 128, 2)}}}
 
 
 @contextlib.contextmanager
 def variant(settings: dict, gluon: bool = True):
-    """maskc's forward with ``hopper.py`` settings changed (``gluon=False``: the Triton forward)."""
+    """maskc with ``hopper.py`` settings changed and its sm_90 kernels on, the opt-in dK/dV one too
+    (``gluon=False``: the Triton kernels)."""
     saved = {name: getattr(hopper, name) for name in settings}
-    env = os.environ.get("MASKC_GLUON")
-    os.environ["MASKC_GLUON"] = "1" if gluon else "0"
+    env = os.environ.get("MASKC_GLUON"), os.environ.get("MASKC_GLUON_BACKWARD")
+    os.environ["MASKC_GLUON"] = os.environ["MASKC_GLUON_BACKWARD"] = "1" if gluon else "0"
     for name, value in settings.items():
         setattr(hopper, name, value)
     launch._launches.clear()
@@ -67,10 +76,11 @@ def variant(settings: dict, gluon: bool = True):
     finally:
         for name, value in saved.items():
             setattr(hopper, name, value)
-        if env is None:
-            del os.environ["MASKC_GLUON"]
-        else:
-            os.environ["MASKC_GLUON"] = env
+        for name, value in zip(("MASKC_GLUON", "MASKC_GLUON_BACKWARD"), env):
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
         launch._launches.clear()
         launch._sm90_decided.clear()
 
@@ -147,29 +157,35 @@ def first(result):
 
 
 def fa4_call(name: str, lengths, q, k, v):
-    """FA4 on ``name`` with q, k, v in its ``[B, N, H, D]`` layout; ``None`` where it has no such mask."""
+    """FA4 on ``name``: ``(fn, (q, k, v))`` with copies of q, k, v in its ``[B, N, H, D]`` layout
+    (``[N, H, D]`` for varlen) that ``fn`` takes; ``None`` where it has no such mask."""
     found = fa4()
     if found is None:
         return None
     func, varlen = found
-    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v))
     if name == "causal":
-        return lambda: first(func(qt, kt, vt, causal=True))
+        return (lambda q, k, v: first(func(q, k, v, causal=True))), (qt, kt, vt)
     if name == "window-1024":
-        return lambda: first(func(qt, kt, vt, causal=True, window_size=(WINDOW, 0)))
+        return (lambda q, k, v: first(func(q, k, v, causal=True, window_size=(WINDOW, 0)))), (qt, kt, vt)
     if name == "doc-causal":
         cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device=DEVICE, dtype=torch.int32)
         longest = int(max(lengths))
-        q1, k1, v1 = (x[0] for x in (qt, kt, vt))
-        return lambda: first(varlen(q1, k1, v1, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
-                                    max_seqlen_k=longest, causal=True))
+        return (lambda q, k, v: first(varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                             max_seqlen_k=longest, causal=True))), \
+            tuple(x[0].detach().requires_grad_(x.requires_grad) for x in (qt, kt, vt))
     return None
 
 
 flex_flash = torch.compile(partial(flex_attention, kernel_options={"BACKEND": "FLASH"}), dynamic=False)
 
 
-def speed(sizes, names, variants) -> list:
+def timing(fn, q, k, v, backward: bool) -> tuple:
+    """``(forward ms, backward ms or None)`` of ``fn(q, k, v) -> out``."""
+    return gpu_bench.time_fwd_bwd(fn, q, k, v) if backward else (ms(lambda: fn(q, k, v)), None)
+
+
+def speed(sizes, names, variants, backward: bool = False) -> list:
     rows = []
     for length in sizes:
         rng = np.random.default_rng(length)
@@ -177,22 +193,24 @@ def speed(sizes, names, variants) -> list:
             spec = maskc.Spec(q_len=length, kv_len=length, mask=mask)
             cm = maskc.compile(spec)
             pairs = cm.allowed_pairs()
-            q, k, v = (x.detach() for x in inputs(length, length))
+            q, k, v = inputs(length, length)
+            if not backward:
+                q, k, v = (x.detach() for x in (q, k, v))
             timed = {}
             for label in variants:
                 with variant(VARIANTS[label]):
                     cm(q, k, v)  # compiles; a variant that fails to runs Triton's forward, and is left out
-                    path = cm.kernel_paths(q, k, v)["forward"]
-                    print(label, path, flush=True)
-                    if path == "sm90-gluon":
-                        timed[label] = ms(lambda: cm(q, k, v))
+                    paths = cm.kernel_paths(q, k, v)
+                    print(label, paths, flush=True)
+                    if paths["forward"] == "sm90-gluon":
+                        timed[label] = timing(cm, q, k, v, backward)
             with variant({}, gluon=False):
-                timed["triton"] = ms(lambda: cm(q, k, v))
+                timed["triton"] = timing(cm, q, k, v, backward)
             bm = block_mask(mask_mod, length, length)
-            timed["flex"] = ms(lambda: flex(q, k, v, block_mask=bm))
+            timed["flex"] = timing(partial(flex, block_mask=bm), q, k, v, backward)
             try:
                 flex_flash(q, k, v, block_mask=bm)
-                timed["flex FLASH"] = ms(lambda: flex_flash(q, k, v, block_mask=bm))
+                timed["flex FLASH"] = timing(partial(flex_flash, block_mask=bm), q, k, v, backward)
             except Exception as error:  # the FLASH backend needs FA4's CuTe DSL
                 print(f"flex FLASH: {type(error).__name__}: {str(error)[:200]}", flush=True)
             lengths = getattr(mask, "lengths", None) or next(
@@ -200,14 +218,16 @@ def speed(sizes, names, variants) -> list:
             call = fa4_call(name, lengths, q, k, v)
             if call is not None:
                 try:
-                    timed["FA4"] = ms(call)
+                    timed["FA4"] = timing(call[0], *call[1], backward)
                 except Exception as error:
                     print(f"FA4 {name}: {type(error).__name__}: {str(error)[:200]}", flush=True)
             if name == "causal":
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    timed["sdpa"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            for tool, millis in timed.items():
-                rows.append((name, length, tool, tflops(pairs, millis), millis))
+                    timed["sdpa"] = timing(partial(F.scaled_dot_product_attention, is_causal=True), q, k, v,
+                                           backward)
+            for tool, (fwd, bwd) in timed.items():
+                rows.append((name, length, tool, tflops(pairs, fwd), fwd,
+                             tflops(pairs, bwd, 2.5) if bwd else None, bwd))
                 print(rows[-1], flush=True)
             del bm
             torch.cuda.empty_cache()
@@ -227,15 +247,24 @@ def tables(check_rows, speed_rows) -> str:
     if speed_rows:
         by = {(r[0], r[1], r[2]): r for r in speed_rows}
         tools = list(dict.fromkeys(r[2] for r in speed_rows))
-        out += ["", f"Forward useful TFLOP/s (batch 1, {gpu_bench.HEADS} heads, head dim {gpu_bench.HEAD_DIM}, bf16); "
-                "ratios of the "
-                "sm_90 forward to each tool in this run.", "",
+        backward = any(r[5] for r in speed_rows)
+
+        def cell(r) -> str:
+            return f"{r[3]:.0f} / {r[5]:.0f}" if backward and r[5] else f"{r[3]:.0f}"
+
+        def ratio(a, b) -> str:
+            return f"{a[3] / b[3]:.2f}x / {a[5] / b[5]:.2f}x" if backward and a[5] and b[5] else f"{a[3] / b[3]:.2f}x"
+
+        what = "Forward / backward" if backward else "Forward"
+        out += ["", f"{what} useful TFLOP/s (batch 1, {gpu_bench.HEADS} heads, head dim {gpu_bench.HEAD_DIM}, bf16; "
+                "the backward counts 2.5 times the forward's work); ratios of maskc's sm_90 path to each tool in "
+                "this run.", "",
                 "| mask | tokens | " + " | ".join(tools) + " | sm90 / triton | sm90 / flex | sm90 / FA4 | sm90 / flex FLASH |",
                 "|---|---|" + "---|" * (len(tools) + 4)]
         for name, length in dict.fromkeys((r[0], r[1]) for r in speed_rows):
-            cells = [f"{by[name, length, t][3]:.0f}" if (name, length, t) in by else "" for t in tools]
-            sm90 = by[name, length, "sm90"][3] if (name, length, "sm90") in by else None
-            ratios = [f"{sm90 / by[name, length, t][3]:.2f}x" if sm90 and (name, length, t) in by else ""
+            cells = [cell(by[name, length, t]) if (name, length, t) in by else "" for t in tools]
+            sm90 = by.get((name, length, "sm90"))
+            ratios = [ratio(sm90, by[name, length, t]) if sm90 and (name, length, t) in by else ""
                       for t in ("triton", "flex", "FA4", "flex FLASH")]
             out.append(f"| {name} | {length // 1024}K | " + " | ".join(cells + ratios) + " |")
     return "\n".join(out)
@@ -250,13 +279,14 @@ def main() -> None:
                         help="maskc's sm_90 variants to time (default all)")
     parser.add_argument("--head-dim", type=int, default=gpu_bench.HEAD_DIM, help="of the speed table")
     parser.add_argument("--heads", type=int, default=gpu_bench.HEADS, help="of the speed table")
+    parser.add_argument("--backward", action="store_true", help="time forward and backward (autograd)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     if torch.cuda.get_device_capability()[0] != 9:
         sys.exit("the sm_90 forward needs an sm_90 GPU (H100, H200)")
     check_rows = checks() if "checks" not in args.skip else []
     gpu_bench.HEAD_DIM, gpu_bench.HEADS = args.head_dim, args.heads
-    speed_rows = speed(args.sizes, args.masks, args.variants) if "speed" not in args.skip else []
+    speed_rows = speed(args.sizes, args.masks, args.variants, args.backward) if "speed" not in args.skip else []
     text = tables(check_rows, speed_rows)
     if not args.no_write:
         add_command_run(SECTION, gpu_machine(), text)

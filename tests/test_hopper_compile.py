@@ -1,4 +1,4 @@
-"""The sm_90 Gluon forward (``codegen/hopper.py``) compiles for sm_90 with the installed Triton.
+"""The sm_90 Gluon kernels (``codegen/hopper.py``) compile for sm_90 with the installed Triton.
 
 It runs on GPUs only (``tests/gpu/test_hopper.py`` checks its results there); here,
 on the CPU, Triton compiles it down to a cubin for an sm_90 target that a stand-in
@@ -43,20 +43,26 @@ SCRIPT = textwrap.dedent("""
         q = torch.empty(1, heads, n, head_dim, dtype=torch.bfloat16)
         k = torch.empty(1, kv_heads, n, head_dim, dtype=torch.bfloat16)
         lse = torch.empty(1, heads, n)
-        built = launch._sm90_launch(plan.structure, q, k, k)
-        values = built._wrapped((q, k, k, torch.empty_like(q), lse, plan.tables, 0.1))
-        arguments = dict(built.fixed, **dict(zip(built.names, values)))
-        kernel = built.kernel.warmup(grid=built.grid, num_warps=built.config.num_warps, **arguments)
-        assert "cubin" in kernel.asm and kernel.metadata.shared <= 232448, kernel.metadata.shared
-        print("compiled", head_dim, plan.structure.one_loop, plan.structure.cut)
+        builds = [(launch._sm90_forward_launch(plan.structure, q, k, k),
+                   (q, k, k, torch.empty_like(q), lse, plan.tables, 0.1))]
+        if head_dim in launch._hopper().DKDV_CONFIGS:
+            builds.append((launch._sm90_dkdv_launch(plan.structure, q, k, k, q),
+                           (q, q, k, k, torch.empty_like(k), torch.empty_like(k), lse.view(-1), lse.view(-1), plan.tables,
+                            0.1, 0.1)))
+        for built, values in builds:
+            arguments = dict(built.fixed, **dict(zip(built.names, built._wrapped(values))))
+            kernel = built.kernel.warmup(grid=built.grid, num_warps=built.config.num_warps, **arguments)
+            assert "cubin" in kernel.asm and kernel.metadata.shared <= 232448, kernel.metadata.shared
+            print("compiled", built.kernel.fn.__name__, head_dim, plan.structure.one_loop, plan.structure.cut,
+                  kernel.metadata.shared, kernel.n_spills if hasattr(kernel, "n_spills") else "")
 """)
 
 
-def test_the_sm90_forward_compiles_for_sm90():
+def test_the_sm90_kernels_compile_for_sm90():
     compiling = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=compiling)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 3
+    assert done.stdout.count("compiled") == 5, done.stdout  # three forwards, two dK/dV (not at head dim 256)
 
 
 def test_kernel_paths_name_the_kernels_and_why_not_the_fast_path():
@@ -67,4 +73,4 @@ def test_kernel_paths_name_the_kernels_and_why_not_the_fast_path():
     q = torch.randn(1, 2, 256, 64)
     assert cm.kernel_paths(q, q, q) == {"forward": "reference", "dq": "reference", "dkdv": "reference"}
     paths = cm.kernel_paths(q, q, q, backend="triton")  # the interpreter runs Triton's kernels on the CPU
-    assert paths == {"forward": "triton (not on a CUDA GPU)", "dq": "triton", "dkdv": "triton"}
+    assert paths == {"forward": "triton (not on a CUDA GPU)", "dq": "triton", "dkdv": "triton (not on a CUDA GPU)"}

@@ -1,4 +1,4 @@
-"""The sm_90 fast path of the forward: a warp-specialized Gluon kernel.
+"""The sm_90 fast path: warp-specialized Gluon kernels for the forward and for dK/dV.
 
 On Hopper two engines work asynchronously beside the warps: the tensor memory
 accelerator (TMA) copies tiles from global to shared memory, and ``wgmma``
@@ -43,13 +43,25 @@ as zero (the copy engine fills them), rows past the end are not stored (the
 copy engine clips the output), and a row with nothing allowed gets output 0
 and LSE ``-inf``, never NaN.
 
+The dK/dV kernel (``_attn_bwd_dkdv_sm90``, opt-in: ``MASKC_GLUON_BACKWARD=1``) reads the same
+tables in the other direction: one program per ``BLOCK_N`` keys of ``KV_ORDER``, walking the
+query blocks listed for its key block, for every query head sharing its key head. Its load
+warp copies K and V once, then each step's Q, dO and the rows' LSE (base 2) and delta that the
+Triton dQ kernel stores, one after another into ``STAGES`` buffers. Its consumers hold dK and
+dV in registers over the whole loop and, per step, compute ``S^T = K Q^T`` and ``dP^T = V dO^T``
+(keys down), ``P^T`` from the LSE (masked by the keys' spans on PARTIAL steps), ``dV += P^T dO``
+and ``dK += dS^T Q`` with P and dS as register operands; the next step's two products are issued
+before this step's are waited for (``DKDV_OVERLAP``). No atomics: every key has one writer. It is
+still slower than the Triton dK/dV kernel (bench/RESULTS.md), hence opt-in.
+
 What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths``
-say why not, and the Triton forward runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64, 128
-or 256, masks whose PARTIAL tiles test spans (no generated predicate, no bit
+say why not, and the Triton kernel runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64, 128
+or 256 (dK/dV: 64 or 128, and ``q_len`` a multiple of 4, for 16-byte aligned row-term copies),
+masks whose PARTIAL tiles test spans (no generated predicate, no bit
 patterns), table blocks that the tiles divide, tensors a TMA descriptor can
 describe, and problems of at least ``launch.TMA_MIN_PAIRS`` pairs (below that
 the host's descriptors cost more than the kernel saves). ``MASKC_GLUON=0``
-turns it off. The backward runs the Triton kernels.
+turns it off. dQ always runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -62,17 +74,25 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from . import kernels
+from . import kernels, tuning
 
-#: head dim -> (BLOCK_M, BLOCK_N, STAGES). The consumers hold O (their rows x D, float32) and
-#: two steps of scores and probabilities in registers: at D 256 the key step halves. Shared
-#: memory: Q plus ``STAGES`` K and V tiles (D 128: 32 + 2 * 2 * 32 KB); a third stage measured
-#: no faster.
-CONFIGS = {64: (128, 128, 3), 128: (128, 128, 2), 256: (128, 64, 2)}
+#: head dim -> (BLOCK_M, BLOCK_N, STAGES) of the forward and of the dK/dV kernel: ``tuning.py``
+#: keeps them (with why), so that the plan trims the PARTIAL steps of these tiles too.
+CONFIGS = tuning.SM90_FORWARD
+DKDV_CONFIGS = tuning.SM90_DKDV
+
+#: The dK/dV kernel's schedule: issue the next step's ``S^T`` and ``dP^T`` before waiting for this
+#: step's ``dV`` and ``dK`` (``DKDV_OVERLAP``); split a program's keys over two consumer partitions
+#: of one warpgroup that take turns on the tensor cores (``DKDV_PINGPONG``). One partition of both
+#: warpgroups measured 12% faster (bench/RESULTS.md), but the GPU suite has passed the ping-pong
+#: schedule only so far: it stays the default until a GPU run checks the other.
+DKDV_OVERLAP = True
+DKDV_PINGPONG = True
 
 #: Registers a thread of the load warp keeps (it walks lists and issues copies); the consumers
 #: get the rest of the multiprocessor's.
@@ -102,13 +122,27 @@ _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 def descriptor(t: torch.Tensor, strides: list[int], rows: int) -> TensorDescriptor:
     """A TMA descriptor of ``t[batch, heads, rows, cols]`` (``strides``: ``launch.strides``) for
-    tiles of ``rows`` rows of one head, swizzled as ``wgmma`` reads them."""
+    tiles of ``rows`` rows of one head, swizzled as ``wgmma`` reads them; of a flat float32 row
+    term (the backward's LSE and delta, ``t[batch * heads * rows]``) for ``rows`` at a time."""
+    if t.dim() == 1:
+        block = [rows]
+        return TensorDescriptor(t, list(t.shape), [1], block, gl.NVMMASharedLayout.get_default_for(block, gl.float32))
     block = [1, 1, rows, t.shape[-1]]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), strides, block, layout)
 
 
 # -- kernel ---------------------------------------------------------------------------------
+@gluon.jit
+def _barriers(n: gl.constexpr, count: gl.constexpr):
+    """A ring of ``n`` mbarriers, each completing a phase after ``count`` arrivals (or a copy's
+    expected bytes)."""
+    bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(n):
+        mbarrier.init(bars.index(i), count=count)
+    return bars
+
+
 @gluon.jit
 def _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK: gl.constexpr,
               BLOCK_N: gl.constexpr):
@@ -166,6 +200,16 @@ def _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo, who
     return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
 
+@gluon.constexpr_function
+def _mma_layouts(num_warps, cols, head_d):
+    """The register layouts of a consumer: ``wgmma`` results of ``cols`` columns (scores), of
+    ``head_d`` columns (accumulated over the loop), and the second's left operand (probabilities
+    or score gradients, from registers)."""
+    scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_d, 16])
+    return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+
+
 @gluon.jit
 def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, b, h, bh,
                  start_m, q_len, span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first,
@@ -173,11 +217,9 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
                  num_warps: gl.constexpr):
     """The consumer partition: the online softmax over the program's steps, then O and LSE."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[0]
+    o_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[1]
+    p_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[2]
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_smem.dtype
     q = q_smem.reshape([BLOCK_M, HEAD_D])  # BLOCK_M: this partition's rows
@@ -255,18 +297,8 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
     b = bh // n_heads
     h = bh % n_heads
     slot, qb, start_m = kernels._query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
-    at = slot * (n_q_blocks + 1) + qb
-    full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
-        T, kernels.FWD_FULL_PTR, kernels.FWD_FULL_IDX, kernels.FWD_PART_PTR, kernels.FWD_PART_IDX,
-        kernels.FWD_PART_PATTERN)
-    STEPS: gl.constexpr = BK // BLOCK_N  # kernel steps a listed key block
-    full_first = 0
-    n_full = 0
-    if not ONE_LOOP:
-        lo, hi = kernels._list_span(full_ptr, at)
-        full_first = lo * STEPS
-        n_full = (hi - lo) * STEPS
-    part_first, part_end = kernels._partial_steps(T, part_ptr, at, slot, start_m, q_len, STEPS, BLOCK_M, TRIM)
+    full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
+        T, slot, qb, n_q_blocks, start_m, q_len, True, ONE_LOOP, TRIM, BK, BLOCK_N, BLOCK_M)
     n_steps = n_full + part_end - part_first
     if start_m >= q_len:
         n_steps = 0
@@ -279,17 +311,11 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
     q_smem = gl.allocate_shared_memory(dtype, [HALVES] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=HALVES)  # released by every consumer partition
-        mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(v_empty.index(s), count=HALVES)
+    q_bar = _barriers(1, 1).index(0)
+    k_ready = _barriers(STAGES, 1)
+    k_empty = _barriers(STAGES, HALVES)  # released by every consumer partition
+    v_ready = _barriers(STAGES, 1)
+    v_empty = _barriers(STAGES, HALVES)
 
     row_lo = kernels._section(T, kernels.ROW_LO) + spans_at
     row_hi = kernels._section(T, kernels.ROW_HI) + spans_at
@@ -316,4 +342,232 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          b, h, h // group, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end,
                          n_steps, BK, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place
+        ], [1], [LOAD_REGS])
+
+
+# -- dK/dV ----------------------------------------------------------------------------------
+@gluon.jit
+def _program_steps(T, slot, block, n_blocks, pos, n, FORWARD: gl.constexpr, ONE_LOOP: gl.constexpr,
+                   TRIM: gl.constexpr, TABLE_BLOCK: gl.constexpr, STEP: gl.constexpr, PROGRAM: gl.constexpr):
+    """The steps of a program of ``PROGRAM`` positions from ``pos`` (of ``n``), in table block
+    ``block`` (of ``n_blocks``) of slot ``slot``, over the forward's lists (``FORWARD``: key steps
+    of ``STEP`` in blocks of ``TABLE_BLOCK``) or dK/dV's (query steps): its FULL list's first step
+    and count, its PARTIAL list's (trimmed) steps, and both index arrays."""
+    if FORWARD:
+        full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
+            T, kernels.FWD_FULL_PTR, kernels.FWD_FULL_IDX, kernels.FWD_PART_PTR, kernels.FWD_PART_IDX,
+            kernels.FWD_PART_PATTERN)
+    else:
+        full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
+            T, kernels.BWD_FULL_PTR, kernels.BWD_FULL_IDX, kernels.BWD_PART_PTR, kernels.BWD_PART_IDX,
+            kernels.BWD_PART_PATTERN)
+    at = slot * (n_blocks + 1) + block
+    STEPS: gl.constexpr = TABLE_BLOCK // STEP  # kernel steps a listed block
+    full_first = 0
+    n_full = 0
+    if not ONE_LOOP:
+        lo, hi = kernels._list_span(full_ptr, at)
+        full_first = lo * STEPS
+        n_full = (hi - lo) * STEPS
+    part_first, part_end = kernels._partial_steps(T, part_ptr, at, slot, pos, n, STEPS, PROGRAM, TRIM)
+    return full_idx, full_first, n_full, part_idx, part_first, part_end
+
+
+@gluon.jit
+def _dkdv_load(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+               delta_smem, kv_bar, ready, empty, T, b, kv_head, group, n_heads, kb, start_n, q_len, kv_len,
+               n_kv_blocks, listed, N_MASK_HEADS: gl.constexpr, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr,
+               BQ: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The load partition: K and V once (one tile per consumer partition), then Q, dO and the
+    rows' LSE and delta of every query step of every query head sharing the key head, ``STAGES``
+    buffers ahead. Rows past the end of a head read the next head's LSE and delta: every step
+    that holds such rows is masked (the plan lists it PARTIAL), so their ``P`` is 0."""
+    HALVES: gl.constexpr = k_smem.shape[0]
+    ROWS: gl.constexpr = k_desc.block_type.shape[2]
+    if listed > 0:
+        mbarrier.expect(kv_bar, HALVES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+        for half in gl.static_range(HALVES):
+            _tma_load(k_desc, [b, kv_head, start_n + half * ROWS, 0], kv_bar, k_smem.index(half))
+            _tma_load(v_desc, [b, kv_head, start_n + half * ROWS, 0], kv_bar, v_smem.index(half))
+        head_slot = kernels._section(T, kernels.HEAD_SLOT)
+        it = 0
+        for g in range(group):
+            h = kv_head * group + g
+            slot = gl.load(head_slot + h % N_MASK_HEADS)
+            full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
+                T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
+            for i in range(n_full + part_end - part_first):
+                start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
+                stage = it % STAGES
+                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)  # starts as if a phase completed
+                mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes +
+                                lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
+                _tma_load(q_desc, [b, h, start_m, 0], ready.index(stage), q_smem.index(stage))
+                _tma_load(do_desc, [b, h, start_m, 0], ready.index(stage), do_smem.index(stage))
+                row = (b * n_heads + h) * q_len + start_m
+                _tma_load(lse_desc, [row], ready.index(stage), lse_smem.index(stage))
+                _tma_load(delta_desc, [row], ready.index(stage), delta_smem.index(stage))
+                it += 1
+
+
+@gluon.jit
+def _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+                   STAGES: gl.constexpr):
+    """Issue step ``it``'s ``S^T = K Q^T`` and ``dP^T = V dO^T`` once its Q and dO are in."""
+    stage = it % STAGES
+    mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+    s_t = warpgroup_mma(k, q_smem.index(stage).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero, use_acc=False,
+                        is_async=True)
+    dp_t = warpgroup_mma(v, do_smem.index(stage).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                         use_acc=False, is_async=True)
+    return s_t, dp_t
+
+
+@gluon.jit
+def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, ready, empty, dk_desc, dv_desc, T,
+                  b, kv_head, group, kb, start_n, keys_at, kv_len, n_kv_blocks, listed, qk_scale, scale,
+                  N_MASK_HEADS: gl.constexpr, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, BQ: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, HEAD_D: gl.constexpr,
+                  STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+    """A consumer partition, ``ROWS`` keys (from ``keys_at``, its K/V buffers ``k_smem`` and
+    ``v_smem``) down and a step's queries across: per step ``S^T = K Q^T`` and ``dP^T = V dO^T``,
+    ``P^T`` from the saved LSE, ``dV += P^T dO``, ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``;
+    dK and dV stay in registers until the program's last step. With ``OVERLAP`` the next step's
+    ``S^T`` and ``dP^T`` are issued before this step's ``dV`` and ``dK`` are waited for."""
+    st_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[0]
+    acc_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[1]
+    op_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[2]
+    keys_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
+    queries_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    dtype: gl.constexpr = k_smem.dtype
+    k = k_smem.reshape([ROWS, HEAD_D])
+    v = v_smem.reshape([ROWS, HEAD_D])
+
+    keys = keys_at + gl.arange(0, ROWS, keys_layout)
+    in_keys = keys < kv_len
+    dk = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
+    dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
+    st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout)
+    if listed > 0:
+        mbarrier.wait(kv_bar, 0)
+        head_slot = kernels._section(T, kernels.HEAD_SLOT)
+        it = 0
+        for g in range(group):  # the query heads that share this key head
+            h = kv_head * group + g
+            slot = gl.load(head_slot + h % N_MASK_HEADS)
+            full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
+                T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
+            spans_at = slot.to(gl.int64) * kv_len
+            col_lo = gl.load(kernels._section(T, kernels.COL_LO) + spans_at + keys, mask=in_keys, other=0)
+            col_hi = gl.load(kernels._section(T, kernels.COL_HI) + spans_at + keys, mask=in_keys, other=0)
+            whole_lo = gl.max(col_lo, 0)  # ONE_LOOP: a step inside every key's span needs no mask
+            whole_hi = gl.min(col_hi, 0)
+            n_steps = n_full + part_end - part_first
+            s_t = warpgroup_mma_init(st_zero)  # the type of an issued product, carried across steps
+            dp_t = warpgroup_mma_init(st_zero)
+            if n_steps > 0:
+                s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M, HEAD_D, STAGES)
+            for i in range(n_steps):
+                stage = it % STAGES
+                q = q_smem.index(stage).reshape([BLOCK_M, HEAD_D])
+                do = do_smem.index(stage).reshape([BLOCK_M, HEAD_D])
+                start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
+                s_done = warpgroup_mma_wait(1, deps=(s_t, ))
+                lse2 = lse_smem.index(stage).load(queries_layout)
+                p_t = gl.exp2(s_done * qk_scale - lse2[None, :])  # lse2 = +inf on empty rows: P = 0
+                masked = i >= n_full
+                if ONE_LOOP:
+                    masked = not kernels._whole(start_m, BLOCK_M, whole_lo, whole_hi)
+                if masked:  # also every step with rows past the end
+                    queries = start_m + gl.arange(0, BLOCK_M, queries_layout)
+                    p_t = gl.where(kernels._inside(queries[None, :], col_lo[:, None], col_hi[:, None]), p_t, 0.0)
+                p_op = gl.convert_layout(p_t.to(dtype), op_layout)
+                dv_issued = warpgroup_mma(p_op, do, dv, is_async=True)
+                dp_done = warpgroup_mma_wait(1, deps=(dp_t, ))
+                delta = delta_smem.index(stage).load(queries_layout)
+                ds_op = gl.convert_layout((p_t * (dp_done - delta[None, :])).to(dtype), op_layout)
+                dk_issued = warpgroup_mma(ds_op, q, dk, is_async=True)
+                if i + 1 < n_steps:
+                    if not OVERLAP:
+                        warpgroup_mma_wait(0, deps=(dv_issued, dk_issued, p_op, ds_op))
+                    s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it + 1, st_zero, BLOCK_M, HEAD_D,
+                                               STAGES)
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(2, deps=(dv_issued, dk_issued, p_op, ds_op))
+                else:
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_issued, dk_issued, p_op, ds_op))
+                mbarrier.arrive(empty.index(stage), count=1)
+                it += 1
+
+    k.store((dk * scale).to(dtype))  # K's and V's buffers are free: every product that read them completed
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    _tma_store(dk_desc, [b, kv_head, keys_at, 0], k_smem)  # keys past the end are clipped
+    _tma_store(dv_desc, [b, kv_head, keys_at, 0], v_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_bwd_dkdv_sm90(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, T, n_heads, n_kv_heads,
+                        group, q_len, kv_len, n_kv_blocks, qk_scale, scale, ONE_LOOP: gl.constexpr,
+                        TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                        OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
+    gl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
+    bh = gl.program_id(1)
+    b = bh // n_kv_heads
+    kv_head = bh % n_kv_heads
+    task = gl.program_id(0)
+    kb = gl.load(kernels._section(T, kernels.KV_ORDER) + task // (BK // BLOCK_N))
+    start_n = kb * BK + (task % (BK // BLOCK_N)) * BLOCK_N
+    head_slot = kernels._section(T, kernels.HEAD_SLOT)
+    full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
+        T, kernels.BWD_FULL_PTR, kernels.BWD_FULL_IDX, kernels.BWD_PART_PTR, kernels.BWD_PART_IDX,
+        kernels.BWD_PART_PATTERN)
+    listed = 0  # tiles of the group's heads in this key block: none, and K/V are never read
+    for g in range(group):
+        listed += kernels._listed(full_ptr, part_ptr, gl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS) *
+                                  (n_kv_blocks + 1) + kb, ONE_LOOP)
+    if start_n >= kv_len:
+        listed = 0
+
+    dtype: gl.constexpr = q_desc.dtype
+    HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own keys
+    ROWS: gl.constexpr = BLOCK_N // HALVES
+    gl.static_assert(k_desc.block_type.shape[2] == ROWS, "K, V, dK and dV are copied in a partition's keys")
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [HALVES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [HALVES] + v_desc.block_type.shape, v_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    kv_bar = _barriers(1, 1).index(0)
+    ready = _barriers(STAGES, 1)
+    empty = _barriers(STAGES, HALVES)  # released by every consumer partition
+
+    if PINGPONG:  # two warpgroups of 64 keys on the same Q/dO: one's elementwise work beside the other's products
+        gl.warp_specialize([
+            (_dkdv_consume, (q_smem, do_smem, k_smem.index(0), v_smem.index(0), lse_smem, delta_smem, kv_bar, ready,
+                             empty, dk_desc, dv_desc, T, b, kv_head, group, kb, start_n, start_n, kv_len,
+                             n_kv_blocks, listed, qk_scale, scale, N_MASK_HEADS, ONE_LOOP, TRIM, BQ, BLOCK_M,
+                             BLOCK_N, ROWS, HEAD_D, STAGES, OVERLAP, ROWS // 16)),
+            (_dkdv_consume, (q_smem, do_smem, k_smem.index(1), v_smem.index(1), lse_smem, delta_smem, kv_bar, ready,
+                             empty, dk_desc, dv_desc, T, b, kv_head, group, kb, start_n, start_n + ROWS,
+                             kv_len, n_kv_blocks, listed, qk_scale, scale, N_MASK_HEADS, ONE_LOOP, TRIM, BQ, BLOCK_M,
+                             BLOCK_N, ROWS, HEAD_D, STAGES, OVERLAP, ROWS // 16)),
+            (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
+                          lse_smem, delta_smem, kv_bar, ready, empty, T, b, kv_head, group, n_heads, kb, start_n,
+                          q_len, kv_len, n_kv_blocks, listed, N_MASK_HEADS, ONE_LOOP, TRIM,
+                          BQ, BLOCK_M, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place
+        ], [ROWS // 16, 1], [CONSUMER_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_dkdv_consume, (q_smem, do_smem, k_smem.index(0), v_smem.index(0), lse_smem, delta_smem, kv_bar, ready,
+                             empty, dk_desc, dv_desc, T, b, kv_head, group, kb, start_n, start_n, kv_len,
+                             n_kv_blocks, listed, qk_scale, scale, N_MASK_HEADS, ONE_LOOP, TRIM, BQ, BLOCK_M,
+                             BLOCK_N, ROWS, HEAD_D, STAGES, OVERLAP, num_warps)),
+            (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
+                          lse_smem, delta_smem, kv_bar, ready, empty, T, b, kv_head, group, n_heads, kb, start_n,
+                          q_len, kv_len, n_kv_blocks, listed, N_MASK_HEADS, ONE_LOOP, TRIM,
+                          BQ, BLOCK_M, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place
         ], [1], [LOAD_REGS])

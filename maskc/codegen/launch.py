@@ -102,12 +102,17 @@ def predicate(digest: str):
 def tma(kernel: str, *tensors: torch.Tensor) -> bool:
     """Whether ``kernel`` copies its step tiles of ``tensors`` with TMA: it is in ``USE_TMA``, the
     GPU is sm_90 or later (or Triton's interpreter runs the kernels: it runs descriptors too), and
-    a descriptor can describe each tensor (unit last stride, 16-byte aligned base and other
-    strides: the copy engine's rules)."""
+    a descriptor can describe each tensor (``describable``)."""
     if kernel not in USE_TMA:
         return False
     if not interpreting() and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
+    return describable(*tensors)
+
+
+def describable(*tensors: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can describe each tensor: unit last stride, 16-byte aligned base
+    and other strides (the copy engine's rules)."""
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all(st > 0 and st * t.element_size() % 16 == 0 for st in strides(t)[:-1]) for t in tensors)
 
@@ -144,15 +149,16 @@ def _hopper():
     return _hopper_module
 
 
-#: Per sm_90 launch key (``_sm90_key``): why the sm_90 forward does not run (``None``: it runs).
+#: Per sm_90 launch key (``_sm90_key``): why the sm_90 kernel does not run (``None``: it runs).
 #: Decided once per key, so that a call asks no device property (nor anything a CUDA graph
 #: capture cannot take) once its key is known.
 _sm90_decided: dict[tuple, Optional[str]] = {}
 
 
-def sm90_unsupported(structure: Structure, q, k, v) -> Optional[str]:
-    """Why the forward of these tensors under ``structure`` does not run the sm_90 Gluon kernel
-    (``hopper.py``), or ``None`` where it does (decode structures never get here)."""
+def sm90_unsupported(structure: Structure, q, k, v, kernel: str = "forward", d_out=None) -> Optional[str]:
+    """Why ``kernel`` (``"forward"`` or ``"dkdv"``) of these tensors under ``structure`` does not
+    run the sm_90 Gluon kernel (``hopper.py``), or ``None`` where it does (decode structures never
+    get here); the backward's ``d_out`` is copied too."""
     if os.environ.get("MASKC_GLUON", "1") == "0":
         return "turned off by MASKC_GLUON=0"
     if interpreting() or not q.is_cuda:
@@ -165,22 +171,33 @@ def sm90_unsupported(structure: Structure, q, k, v) -> Optional[str]:
         return hopper
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"q.dtype={q.dtype}; the path takes float16 and bfloat16"
-    if q.shape[-1] not in hopper.CONFIGS or v.shape[-1] != q.shape[-1]:
-        return (f"head dims {q.shape[-1]} and {v.shape[-1]}; the path takes equal head dims of "
-                f"{', '.join(map(str, hopper.CONFIGS))}")
+    if kernel == "dkdv" and os.environ.get("MASKC_GLUON_BACKWARD", "0") != "1":
+        return ("the sm_90 dK/dV kernel is opt-in (MASKC_GLUON_BACKWARD=1): it measures slower than the Triton "
+                "kernel so far")
+    configs = hopper.CONFIGS if kernel == "forward" else hopper.DKDV_CONFIGS
+    if q.shape[-1] not in configs or v.shape[-1] != q.shape[-1]:
+        return (f"head dims {q.shape[-1]} and {v.shape[-1]}; the path's {kernel} takes equal head dims of "
+                f"{', '.join(map(str, configs))}")
     if not structure.spans:
         return "the mask's PARTIAL tiles need its generated predicate"
-    block_m, block_n, _ = hopper.CONFIGS[q.shape[-1]]
+    block_m, block_n, _ = configs[q.shape[-1]]
     if structure.block_q % block_m or structure.block_kv % block_n:
         return f"block_size ({structure.block_q}, {structure.block_kv}) is not a multiple of ({block_m}, {block_n})"
     if structure.q_len * structure.kv_len < TMA_MIN_PAIRS:
         return f"fewer than {TMA_MIN_PAIRS} pairs: the host's descriptors cost more than the kernel saves"
-    if not (_aligned(q, k, v) and tma("forward", q, k, v)):
+    if kernel == "dkdv" and structure.q_len % 4:
+        return f"q_len={structure.q_len} is not a multiple of 4: the rows' LSE and delta are copied 16 bytes aligned"
+    copied = (q, k, v) if d_out is None else (q, k, v, d_out)
+    if not (_aligned(*copied) and describable(*copied)):
         return "a tensor's strides or alignment do not allow a TMA descriptor"
     return None
 
 
-def _sm90_launch(structure: Structure, q, k, v) -> Launch:
+def _describe(t: torch.Tensor, rows: int):
+    return _hopper().descriptor(t, strides(t), rows)
+
+
+def _sm90_forward_launch(structure: Structure, q, k, v) -> Launch:
     hopper = _hopper()
     block_m, block_n, stages = hopper.CONFIGS[q.shape[-1]]
     rows = block_m // 2 if hopper.PINGPONG else block_m  # a consumer partition's rows: one warp per 16
@@ -192,54 +209,73 @@ def _sm90_launch(structure: Structure, q, k, v) -> Launch:
                  STAGES=stages, OVERLAP=hopper.OVERLAP, PINGPONG=hopper.PINGPONG, maxnreg=hopper.MAX_REGS)
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
     return Launch(hopper._attn_fwd_sm90, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"),
-                  config, {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True,
-                  lambda t, rows: hopper.descriptor(t, strides(t), rows))
+                  config, {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)
 
 
-def _sm90_key(structure: Structure, q, k, v) -> tuple:
-    """What decides the sm_90 forward of a call: its launch key and the switches that apply."""
-    return _key("forward_sm90", structure, _aligned(q, k, v), q, k, v) + (os.environ.get("MASKC_GLUON", "1"),
-                                                                         TMA_MIN_PAIRS)
+def _sm90_dkdv_launch(structure: Structure, q, k, v, d_out) -> Launch:
+    hopper = _hopper()
+    block_m, block_n, stages = hopper.DKDV_CONFIGS[q.shape[-1]]
+    rows = block_n // 2 if hopper.DKDV_PINGPONG else block_n  # a consumer partition's keys: one warp per 16
+    config = tuning.TileConfig(block_m, block_n, rows // 16, stages)
+    fixed = dict(n_heads=q.shape[1], n_kv_heads=k.shape[1], group=q.shape[1] // k.shape[1], q_len=structure.q_len,
+                 kv_len=structure.kv_len, n_kv_blocks=structure.n_kv_blocks, ONE_LOOP=structure.one_loop,
+                 TRIM=structure.trim("backward", block_n, block_m), N_MASK_HEADS=structure.n_mask_heads,
+                 BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
+                 STAGES=stages, OVERLAP=hopper.DKDV_OVERLAP, PINGPONG=hopper.DKDV_PINGPONG, maxnreg=hopper.MAX_REGS)
+    grid = (structure.n_kv_blocks * (structure.block_kv // block_n), q.shape[0] * k.shape[1], 1)
+    return Launch(hopper._attn_bwd_dkdv_sm90, grid, fixed,
+                  ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc", "lse_desc", "delta_desc", "T",
+                   "qk_scale", "scale"), config,
+                  {"q_desc": block_m, "do_desc": block_m, "k_desc": rows, "v_desc": rows, "dk_desc": rows,
+                   "dv_desc": rows, "lse_desc": block_m, "delta_desc": block_m}, True, _describe)
 
 
-def _sm90_reason(key: tuple, structure: Structure, q, k, v) -> Optional[str]:
+def _sm90_key(kernel: str, structure: Structure, q, k, v, *more: torch.Tensor) -> tuple:
+    """What decides the sm_90 ``kernel`` of a call: its launch key and the switches that apply."""
+    return _key(f"{kernel}_sm90", structure, _aligned(q, k, v, *more), q, k, v, *more) + (
+        os.environ.get("MASKC_GLUON", "1"), os.environ.get("MASKC_GLUON_BACKWARD", "0"), TMA_MIN_PAIRS)
+
+
+def _sm90_reason(key: tuple, kernel: str, structure: Structure, q, k, v, d_out=None) -> Optional[str]:
     if key not in _sm90_decided:
-        _sm90_decided[key] = sm90_unsupported(structure, q, k, v)
+        _sm90_decided[key] = sm90_unsupported(structure, q, k, v, kernel, d_out)
     return _sm90_decided[key]
 
 
-def _forward_sm90(structure: Structure, tables, q, k, v, out, lse, qk_scale: float) -> bool:
-    """Run the sm_90 forward where it applies; ``False`` where the Triton forward must run."""
+def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple) -> bool:
+    """Run the sm_90 ``kernel`` on ``values`` where it applies to ``tensors`` (q, k, v and the
+    backward's d_out); ``False`` where the Triton kernel must run."""
     if structure.q_len * structure.kv_len < TMA_MIN_PAIRS:  # the common short call: no key to build
         return False
-    key = _sm90_key(structure, q, k, v)
-    values = (q, k, v, out, lse, tables, qk_scale)
+    key = _sm90_key(kernel, structure, *tensors)
     found = _launches.get(key)
     if found is not None:
         found(values)
         return True
-    if _sm90_reason(key, structure, q, k, v) is not None:
+    if _sm90_reason(key, kernel, structure, *tensors) is not None:
         return False
     try:
-        found = _sm90_launch(structure, q, k, v)
+        found = (_sm90_forward_launch if kernel == "forward" else _sm90_dkdv_launch)(structure, *tensors)
         found(values)  # the first call compiles
-    except Exception as error:  # a Triton whose Gluon compiles differently: Triton's forward instead
+    except Exception as error:  # a Triton whose Gluon compiles differently: Triton's kernel instead
         _sm90_decided[key] = f"the sm_90 kernel failed to compile: {type(error).__name__}: {error}"
-        warnings.warn(f"maskc: {_sm90_decided[key]}; the Triton forward runs instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"maskc: {_sm90_decided[key]}; the Triton {kernel} kernel runs instead", RuntimeWarning,
+                      stacklevel=3)
         return False
     _launches[key] = found
     return True
 
 
 def kernel_paths(structure: Structure, q, k, v) -> dict[str, str]:
-    """Which kernel runs each part of a call with these tensors: ``"sm90-gluon"`` or
-    ``"triton"``, with the reason where the sm_90 path does not apply."""
-    if structure.decode:  # few rows of long reach: the decode kernel (``forward``)
-        forward = "triton-decode"
-    else:
-        reason = _sm90_reason(_sm90_key(structure, q, k, v), structure, q, k, v)
-        forward = "sm90-gluon" if reason is None else f"triton ({reason})"
-    return {"forward": forward, "dq": "triton", "dkdv": "triton"}
+    """Which kernel runs each part of a call with these tensors (the backward's output gradient
+    taken as laid out like ``q``): ``"sm90-gluon"`` or ``"triton"``, with the reason where the
+    sm_90 path does not apply."""
+    def path(kernel: str, *more: torch.Tensor) -> str:
+        reason = _sm90_reason(_sm90_key(kernel, structure, q, k, v, *more), kernel, structure, q, k, v, *more)
+        return "sm90-gluon" if reason is None else f"triton ({reason})"
+
+    forward = "triton-decode" if structure.decode else path("forward")  # decode: few rows of long reach
+    return {"forward": forward, "dq": "triton", "dkdv": path("dkdv", q)}
 
 
 # -- launches -----------------------------------------------------------------------------------
@@ -393,7 +429,7 @@ def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
         from . import decode  # imports this module: here, not at the top
 
         return decode.forward(structure, tables, q, k, v, out, lse, scale * kernels.LOG2E.value)
-    if _forward_sm90(structure, tables, q, k, v, out, lse, scale * kernels.LOG2E.value):
+    if _run_sm90("forward", structure, (q, k, v), (q, k, v, out, lse, tables, scale * kernels.LOG2E.value)):
         return out, lse
     aligned = _aligned(q, k, v)
 
@@ -420,8 +456,8 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if structure.empty:
         return dq if dq_sum is not None else dq.zero_(), dk.zero_(), dv.zero_()
-    lse2 = torch.empty_like(lse)  # written by the dQ kernel for every row, read by dK/dV
-    delta = torch.empty_like(lse)
+    # written by the dQ kernel for every row (``rows`` apart a head), read by dK/dV
+    lse2, delta = (torch.empty(lse.shape, dtype=torch.float32, device=lse.device) for _ in range(2))
     d_lse = d_lse.to(torch.float32).contiguous()
     qk_scale = scale * kernels.LOG2E.value
     aligned = _aligned(q, k, v, out, d_out)
@@ -456,6 +492,9 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
     key = _key("dq", structure, aligned, q, k, v, out, d_out, dq) + (dq.dtype, dq_sum is not None)
     launch("dq", key, (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale),
            build_dq, structure, q, v)  # first: it computes the row terms dK/dV reads
+    if _run_sm90("dkdv", structure, (q, k, v, d_out),
+                 (q, d_out, k, v, dk, dv, lse2.view(-1), delta.view(-1), tables, qk_scale, scale)):
+        return dq, dk, dv
     launch("dkdv", ("dkdv",) + key[1:], (q, k, v, d_out, q, d_out, lse2, delta, dk, dv, tables, patterns, qk_scale,
                                          scale), build_dkdv, structure, q, v)
     return dq, dk, dv

@@ -136,6 +136,18 @@ CANDIDATES = {
     "merge": [TileConfig(64, 16, 4, 1)],
 }
 
+#: The sm_90 Gluon kernels' tiles (``hopper.py``), head dim -> (BLOCK_M, BLOCK_N, STAGES).
+#: Forward: its consumers hold O (their rows x D, float32) and two steps of scores and
+#: probabilities in registers, so at D 256 the key step halves. Shared memory: Q plus ``STAGES``
+#: K and V tiles (D 128: 32 + 2 * 2 * 32 KB); a third stage measured no faster.
+SM90_FORWARD = {64: (128, 128, 3), 128: (128, 128, 2), 256: (128, 64, 2)}
+#: dK/dV: ``BLOCK_N`` keys a program, whose two consumer warpgroups hold dK and dV (64 keys x D
+#: each, float32) in registers over the whole query loop, and ``BLOCK_M`` queries a step. At D
+#: 128 steps of 64 queries spill (ptxas: 164 bytes; the step's S, dP, P and dS beside dK and
+#: dV exceed the 240 registers a thread gets) and measured 10-15% slower; steps of 32 do not
+#: spill. At D 256 dK and dV alone would not fit: the Triton kernel runs.
+SM90_DKDV = {64: (64, 128, 2), 128: (32, 128, 3)}
+
 _tuned: dict[tuple, TileConfig] = {}
 
 
@@ -184,7 +196,7 @@ def _autotuning(device: torch.device) -> bool:
 
 def tile_pairs(device: torch.device, bq: int, bk: int, short_rows: bool) -> tuple[tuple[str, int, int], ...]:
     """``(direction, program, step)`` of every config ``config_for`` can return on ``device`` for
-    table blocks ``(bq, bk)``, any dtype and head dim: ``("forward", block_m, block_n)`` for the
+    table blocks ``(bq, bk)``, any dtype and head dim, and on GPUs of the sm_90 kernels' tiles: ``("forward", block_m, block_n)`` for the
     forward and dQ, ``("backward", block_n, block_m)`` for dK/dV. The plan trims the PARTIAL
     steps of these (``plan.py``); a config outside them (a smaller one after ``OutOfResources``)
     walks every step."""
@@ -195,8 +207,12 @@ def tile_pairs(device: torch.device, bq: int, bk: int, short_rows: bool) -> tupl
                 configs.add((kernel, fit(default_config(kernel, device, dtype, head_dim, short_rows), bq, bk)))
         if _autotuning(device):
             configs |= {(kernel, fit(c, bq, bk)) for c in CANDIDATES[kernel]}
-    return tuple(sorted({("backward", c.block_n, c.block_m) if kernel == "dkdv" else ("forward", c.block_m, c.block_n)
-                         for kernel, c in configs}))
+    pairs = {("backward", c.block_n, c.block_m) if kernel == "dkdv" else ("forward", c.block_m, c.block_n)
+             for kernel, c in configs}
+    if device.type == "cuda":  # the sm_90 kernels' tiles, where the table blocks hold them
+        pairs |= {("forward", m, n) for m, n, _ in SM90_FORWARD.values() if bq % m == 0 and bk % n == 0}
+        pairs |= {("backward", n, m) for m, n, _ in SM90_DKDV.values() if bq % m == 0 and bk % n == 0}
+    return tuple(sorted(pairs))
 
 
 def config_for(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, bq: int, bk: int,

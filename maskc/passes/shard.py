@@ -66,8 +66,9 @@ EVAL_BATCH = 1 << 22
 #: and the zeros it writes). Fitted on an H200 (bench/RESULTS.md, ``ring_rehearsal.py --tiles``,
 #: 41 document-causal tiles of 16K x 16K): 1.05 ms per thousand FULL blocks, 2.69 ms per thousand
 #: PARTIAL ones and 0.21 ms a tile, which put each rank's time within 3% of the measured one.
-#: Tiles of 32K x 32K cost more than the tile term says (about 0.55 ms): a fit over shard sizes
-#: is still to do (bench/RESULTS.md, ring rehearsal).
+#: Fitted again over shard sizes of 16K, 32K and 128K (58 tiles, the sm_90 forward's run): 220,
+#: 268 and 191 keys a query row, no trend with the size, so one constant; 224 would change no
+#: plan's predicted balance by more than 0.5% (bench/RESULTS.md, ring rehearsal).
 COST_BLOCK = 128
 PARTIAL_COST = 2.5
 TILE_COST_KEYS = 192

@@ -1,4 +1,8 @@
-"""The sm_90 Gluon forward (``codegen/hopper.py``) against a float32 reference and the Triton forward.
+"""The sm_90 Gluon kernels (``codegen/hopper.py``) against a float32 reference and the Triton kernels.
+
+The forward's output and LSE, and the gradients of a backward whose dK/dV runs the
+sm_90 kernel (head dims 64 and 128; dQ is Triton's), are compared with float32
+attention under the dense mask and with the same call on the Triton path.
 
 Skipped on GPUs other than sm_90. Problems here are small, so the size threshold
 that keeps small problems on the Triton path is lifted for these tests.
@@ -25,6 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 def small_problems_take_the_path(monkeypatch):
     monkeypatch.setattr(launch, "TMA_MIN_PAIRS", 0)
     monkeypatch.delenv("MASKC_GLUON", raising=False)
+    monkeypatch.setenv("MASKC_GLUON_BACKWARD", "1")  # the dK/dV kernel is opt-in
 
 
 def inputs(q_len, kv_len, heads, kv_heads, head_dim, dtype, seed=0):
@@ -60,10 +65,42 @@ def check(cm, q, k, v, monkeypatch):
     assert torch.equal(torch.isfinite(lse), torch.isfinite(triton_lse))
 
 
+def check_backward(cm, q, k, v, monkeypatch):
+    """dQ, dK, dV with the sm_90 dK/dV kernel against float32 autograd and the Triton backward."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    path = cm.kernel_paths(q, k, v)["dkdv"]
+    if q.shape[2] % 4:  # the rows' LSE and delta are copied with TMA, 16 bytes aligned
+        assert "multiple of 4" in path
+    else:
+        assert path == "sm90-gluon"
+    out = cm(q, k, v)
+    grad = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(1)).to(out.dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    again = torch.autograd.grad(cm(q, k, v), (q, k, v), grad)  # launched directly; no atomics: the same bits
+    want = torch.autograd.grad(reference(cm, q, k, v)[0], (q, k, v), grad.float())
+    with monkeypatch.context() as m:
+        m.setenv("MASKC_GLUON", "0")
+        assert cm.kernel_paths(q, k, v)["dkdv"].startswith("triton")
+        triton_grads = torch.autograd.grad(cm(q, k, v), (q, k, v), grad)
+    for name, a, b, c, d in zip(("dq", "dk", "dv"), got, again, want, triton_grads):
+        assert torch.equal(a, b), name
+        assert not a.isnan().any(), name
+        tol = 2e-2 * max(1.0, c.abs().max().item())
+        assert (a.float() - c).abs().max() <= tol, (name, (a.float() - c).abs().max().item())
+        assert (a.float() - d.float()).abs().max() <= tol, (name, (a.float() - d.float()).abs().max().item())
+
+
+def check_both(cm, q, k, v, monkeypatch):
+    check(cm, q, k, v, monkeypatch)
+    if q.shape[-1] in launch._hopper().DKDV_CONFIGS:
+        check_backward(cm, q, k, v, monkeypatch)
+
+
 CASES = {
     "causal, short rows": (lambda n: maskc.Causal(), 1000, 1000),
     "causal, long rows": (lambda n: maskc.Causal(), 6000, 6000),
     "document-causal, ragged": (lambda n: maskc.Documents(lengths=[700, 1333, 1]) & maskc.Causal(), 2034, 2034),
+    "document-causal, cut short": (lambda n: maskc.Documents(lengths=[517, 1001, 2]) & maskc.Causal(), 1520, 1520),
     "window, cross attention": (lambda n: maskc.SlidingWindow(left=300, align="bottom_right"), 900, 2500),
     "prefix-lm": (lambda n: maskc.Prefix(length=n // 4) | maskc.Causal(), 1500, 1500),
     "ring tile with empty rows": (lambda n: maskc.Documents(lengths=[0, 500, 524], kv_lengths=[600, 424, 0]),
@@ -75,24 +112,26 @@ CASES = {
 @pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("name", CASES)
-def test_forward_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
+def test_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
     monkeypatch.setattr(launch._hopper(), "PINGPONG", pingpong)
+    monkeypatch.setattr(launch._hopper(), "DKDV_PINGPONG", pingpong)
     monkeypatch.setattr(launch, "_launches", {})
     mask, q_len, kv_len = CASES[name]
     cm = maskc.compile(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask(q_len)))
-    check(cm, *inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16), monkeypatch)
+    q, k, v = inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16)
+    check_both(cm, q, k, v, monkeypatch)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 1)])
 def test_float16_and_head_layouts(heads, kv_heads, monkeypatch):
     cm = maskc.compile(maskc.Spec(q_len=1500, kv_len=1500, mask=maskc.Documents(lengths=[900, 600]) & maskc.Causal()))
-    check(cm, *inputs(1500, 1500, heads, kv_heads, 128, torch.float16), monkeypatch)
+    check_both(cm, *inputs(1500, 1500, heads, kv_heads, 128, torch.float16), monkeypatch)
 
 
 def test_per_head_masks(monkeypatch):
     heads = [maskc.Causal(), maskc.SlidingWindow(left=200), maskc.Causal(), maskc.SlidingWindow(left=50)]
     cm = maskc.compile(maskc.Spec(q_len=1200, kv_len=1200, mask=heads))
-    check(cm, *inputs(1200, 1200, 4, 2, 64, torch.bfloat16), monkeypatch)
+    check_both(cm, *inputs(1200, 1200, 4, 2, 64, torch.bfloat16), monkeypatch)
 
 
 def test_strided_inputs(monkeypatch):
@@ -100,7 +139,15 @@ def test_strided_inputs(monkeypatch):
     cm = maskc.compile(maskc.Spec(q_len=1000, kv_len=1000, mask=maskc.Causal()))
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs(1000, 1000, 4, 4, 128,
                                                                                 torch.bfloat16))
-    check(cm, q, k, v, monkeypatch)
+    check_both(cm, q, k, v, monkeypatch)
+
+
+def test_the_dkdv_kernel_is_opt_in(monkeypatch):
+    cm = maskc.compile(maskc.Spec(q_len=512, kv_len=512, mask=maskc.Causal()))
+    q, k, v = inputs(512, 512, 2, 2, 128, torch.bfloat16)
+    monkeypatch.delenv("MASKC_GLUON_BACKWARD")
+    assert "MASKC_GLUON_BACKWARD=1" in cm.kernel_paths(q, k, v)["dkdv"]
+    assert cm.kernel_paths(q, k, v)["forward"] == "sm90-gluon"
 
 
 def test_what_falls_back_says_why():
@@ -110,6 +157,8 @@ def test_what_falls_back_says_why():
     assert "generated predicate" in cm.kernel_paths(q, k, v)["forward"]
     causal = maskc.compile(maskc.Spec(q_len=512, kv_len=512, mask=maskc.Causal()))
     assert "head dims" in causal.kernel_paths(*inputs(512, 512, 2, 2, 96, torch.bfloat16))["forward"]
+    wide = causal.kernel_paths(*inputs(512, 512, 2, 2, 256, torch.bfloat16))
+    assert wide["forward"] == "sm90-gluon" and "head dims" in wide["dkdv"]
     assert "float32" in causal.kernel_paths(*inputs(512, 512, 2, 2, 128, torch.float32))["forward"]
 
 
@@ -124,16 +173,17 @@ def test_random_document_masks(lengths, window, head_dim, seed):
     assume(cm.kernel_paths(q, k, v)["forward"] != "triton-decode")  # few rows: the decode kernel's
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(launch, "TMA_MIN_PAIRS", 0)
-        check(cm, q, k, v, monkeypatch)
+        monkeypatch.setenv("MASKC_GLUON_BACKWARD", "1")
+        check_both(cm, q, k, v, monkeypatch)
     assert math.isfinite(cm(q, k, v).float().abs().max().item())
 
 
 def test_cuda_graph_capture_and_replay(monkeypatch):
-    """Forward and backward captured in one CUDA graph with the sm_90 forward, replayed on new
+    """Forward and backward captured in one CUDA graph with the sm_90 kernels, replayed on new
     inputs copied into the captured tensors, equal the eager call."""
     cm = maskc.compile(maskc.Spec(q_len=2048, kv_len=2048, mask=maskc.Documents(lengths=[1000, 1048]) & maskc.Causal()))
     q, k, v = (x.requires_grad_() for x in inputs(2048, 2048, 4, 2, 128, torch.bfloat16))
-    assert cm.kernel_paths(q, k, v)["forward"] == "sm90-gluon"
+    assert cm.kernel_paths(q, k, v)["forward"] == cm.kernel_paths(q, k, v)["dkdv"] == "sm90-gluon"
     grad = torch.randn_like(q)
 
     def step():
