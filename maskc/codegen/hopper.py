@@ -241,8 +241,8 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
         s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero, use_acc=False)
         mbarrier.arrive(k_empty.index(0), count=1)
         start_n = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi,
-                                           qk_scale, ONE_LOOP, BLOCK_N, s_layout)
+        p, m_i, l_i, _ = _softmax_step(s, m_i, l_i, 0, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi,
+                                       qk_scale, ONE_LOOP, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for i in range(1, n_steps):
             stage = i % STAGES
