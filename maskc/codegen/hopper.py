@@ -517,17 +517,8 @@ def _attn_bwd_dkdv_sm90(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_d
     bh = gl.program_id(1)
     b = bh // n_kv_heads
     kv_head = bh % n_kv_heads
-    task = gl.program_id(0)
-    kb = gl.load(kernels._section(T, kernels.KV_ORDER) + task // (BK // BLOCK_N))
-    start_n = kb * BK + (task % (BK // BLOCK_N)) * BLOCK_N
-    head_slot = kernels._section(T, kernels.HEAD_SLOT)
-    full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
-        T, kernels.BWD_FULL_PTR, kernels.BWD_FULL_IDX, kernels.BWD_PART_PTR, kernels.BWD_PART_IDX,
-        kernels.BWD_PART_PATTERN)
-    listed = 0  # tiles of the group's heads in this key block: none, and K/V are never read
-    for g in range(group):
-        listed += kernels._listed(full_ptr, part_ptr, gl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS) *
-                                  (n_kv_blocks + 1) + kb, ONE_LOOP)
+    kb, start_n = kernels._key_program(T, BK, BLOCK_N)
+    listed = kernels._group_listed(T, kb, kv_head, group, n_kv_blocks, N_MASK_HEADS, ONE_LOOP)  # 0: K/V never read
     if start_n >= kv_len:
         listed = 0
 

@@ -277,6 +277,30 @@ def _query_program(T, head, n_q_blocks, N_MASK_HEADS: tl.constexpr, BQ: tl.const
 
 
 @triton.jit
+def _key_program(T, BK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This dK/dV program's table key block (``KV_ORDER``) and first key."""
+    SUBS: tl.constexpr = BK // BLOCK_N
+    task = tl.program_id(0)
+    kb = tl.load(_section(T, KV_ORDER) + task // SUBS)
+    return kb, kb * BK + (task % SUBS) * BLOCK_N
+
+
+@triton.jit
+def _group_listed(T, kb, kv_head, group, n_kv_blocks, N_MASK_HEADS: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """How many tiles key block ``kb``'s dK/dV lists hold for the query heads sharing ``kv_head``
+    (0: keys nobody attends, whose K and V need not be read)."""
+    head_slot = _section(T, HEAD_SLOT)
+    full_ptr = _section(T, BWD_FULL_PTR)
+    part_ptr = _section(T, BWD_PART_PTR)
+    listed = _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group) % N_MASK_HEADS) * (n_kv_blocks + 1)
+                     + kb, ONE_LOOP)
+    for g in range(1, group):
+        listed += _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS) *
+                          (n_kv_blocks + 1) + kb, ONE_LOOP)
+    return listed
+
+
+@triton.jit
 def _query_lists(T, FULL_PTR: tl.constexpr, FULL_IDX: tl.constexpr, PART_PTR: tl.constexpr,
                  PART_IDX: tl.constexpr, PART_PATTERN: tl.constexpr):
     """One direction's block lists in the packed tables (``block_lists.py``)."""
@@ -540,13 +564,10 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
                    PRECISION: tl.constexpr, TMA: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
     tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
-    SUBS: tl.constexpr = BK // BLOCK_N
     STEPS: tl.constexpr = BQ // BLOCK_M  # kernel steps a listed query block
     bh = tl.program_id(1)
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    task = tl.program_id(0)
-    kb = tl.load(_section(T, KV_ORDER) + task // SUBS)
-    start_n = kb * BK + (task % SUBS) * BLOCK_N
+    kb, start_n = _key_program(T, BK, BLOCK_N)
     if start_n >= kv_len:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -555,12 +576,7 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
                                                                         BWD_PART_IDX, BWD_PART_PATTERN)
     dk_base = dK + b.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
     dv_base = dV + b.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
-    listed = _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group) % N_MASK_HEADS) * (n_kv_blocks + 1)
-                     + kb, ONE_LOOP)
-    for g in range(1, group):
-        listed += _listed(full_ptr, part_ptr, tl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS) *
-                          (n_kv_blocks + 1) + kb, ONE_LOOP)
-    if listed == 0:  # keys no query of the group's heads attends: zeros, K and V unread
+    if _group_listed(T, kb, kv_head, group, n_kv_blocks, N_MASK_HEADS, ONE_LOOP) == 0:  # keys nobody attends: zeros
         _store_zeros(dk_base, offs_n, kv_len, stride_dkn, stride_dkd, HEAD_D, BLOCK_N, BLOCK_D)
         _store_zeros(dv_base, offs_n, kv_len, stride_dvn, stride_dvd, HEAD_DV, BLOCK_N, BLOCK_DV)
         return
