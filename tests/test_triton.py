@@ -520,3 +520,18 @@ def test_backward_adds_dq_into_a_sum_and_leaves_empty_rows_alone(backend):
     with pytest.raises(TypeError, match="dq_sum must be torch.float32"):
         cm.backward(q.half(), k.half(), v.half(), out.half(), lse, d_out.half(), backend=backend,
                     dq_sum=torch.zeros_like(q, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_backward_takes_saved_tensors_in_any_layout(backend):
+    """``out``, ``lse`` and ``d_out`` kept in a caller's own layout (``[batch, seq, heads]`` storage
+    seen as ``[batch, heads, seq]``) give the gradients their contiguous copies give."""
+    cm = maskc.compile(maskc.Spec(q_len=64, kv_len=64, mask=maskc.Causal()))
+    torch.manual_seed(0)
+    q, k, v, d_out = torch.randn(4, 1, 2, 64, 16).unbind(0)
+    out, lse = cm(q, k, v, return_lse=True, backend=backend)
+    want = cm.backward(q, k, v, out, lse, d_out, backend=backend)
+    out, lse, d_out = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (out, lse, d_out))
+    assert not lse.is_contiguous()
+    for a, b in zip(cm.backward(q, k, v, out, lse, d_out, backend=backend), want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -458,7 +458,7 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
         return dq if dq_sum is not None else dq.zero_(), dk.zero_(), dv.zero_()
     # written by the dQ kernel for every row (``rows`` apart a head), read by dK/dV
     lse2, delta = (torch.empty(lse.shape, dtype=torch.float32, device=lse.device) for _ in range(2))
-    d_lse = d_lse.to(torch.float32).contiguous()
+    lse, d_lse = lse.contiguous(), d_lse.to(torch.float32).contiguous()  # the kernels index rows bh * q_len + row
     qk_scale = scale * kernels.LOG2E.value
     aligned = _aligned(q, k, v, out, d_out)
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
