@@ -18,8 +18,9 @@ installed (FA4 runs document-causal through
 its varlen kernel and the window through ``window_size``), and SDPA on causal.
 With ``--backward`` each tool runs forward and backward (autograd) and the table
 gives both, the backward's useful TFLOP/s counting 2.5 times the forward's work;
-maskc's sm_90 variants then include the opt-in dK/dV kernel
-(``MASKC_GLUON_BACKWARD=1``) and its schedule variants. The short table comes last.
+maskc's sm_90 variants then run the opt-in dQ and dK/dV kernels
+(``MASKC_GLUON_BACKWARD=1``; "sm90 Triton dQ" only the second) and their schedule
+variants. The short table comes last.
 """
 
 from __future__ import annotations
@@ -51,19 +52,23 @@ SECTION = "## sm_90 fast path (issue 18)"
 SIZES = (32768, 131072)
 MASK_NAMES = ("causal", "doc-causal", "window-1024")
 
-#: maskc's sm_90 schedule variants: module attributes of ``hopper.py`` set for the variant
+#: maskc's sm_90 schedule variants: module attributes of ``hopper.py`` set for the variant (tiles
+#: that spill, as ``tuning.py`` lists, are left out: ptxas serializes their ``wgmma``)
 VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgroup": {"PINGPONG": False},
             "sm90 3 stages": {"CONFIGS": {**hopper.CONFIGS, 128: (128, 128, 3)}},
             "sm90 dK/dV one partition": {"DKDV_PINGPONG": False},
             "sm90 dK/dV no overlap": {"DKDV_OVERLAP": False},
-            "sm90 dK/dV 64-query steps": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (64, 128, 2)}},
-            "sm90 dK/dV 2 stages": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (32, 128, 2)}}}
+            "sm90 dK/dV 2 stages": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (32, 128, 2)}},
+            "sm90 Triton dQ": {"DQ_CONFIGS": {}},
+            "sm90 dQ one partition": {"DQ_PINGPONG": False},
+            "sm90 dQ no overlap": {"DQ_OVERLAP": False},
+            "sm90 dQ 3 stages": {"DQ_CONFIGS": {**hopper.DQ_CONFIGS, 128: (128, 64, 3)}}}
 
 
 @contextlib.contextmanager
 def variant(settings: dict, gluon: bool = True):
-    """maskc with ``hopper.py`` settings changed and its sm_90 kernels on, the opt-in dK/dV one too
-    (``gluon=False``: the Triton kernels)."""
+    """maskc with ``hopper.py`` settings changed and its sm_90 kernels on, the opt-in backward ones
+    too (``gluon=False``: the Triton kernels)."""
     saved = {name: getattr(hopper, name) for name in settings}
     env = os.environ.get("MASKC_GLUON"), os.environ.get("MASKC_GLUON_BACKWARD")
     os.environ["MASKC_GLUON"] = os.environ["MASKC_GLUON_BACKWARD"] = "1" if gluon else "0"

@@ -1,4 +1,4 @@
-"""The sm_90 fast path: warp-specialized Gluon kernels for the forward and for dK/dV.
+"""The sm_90 fast path: warp-specialized Gluon kernels for the forward, dQ and dK/dV.
 
 On Hopper two engines work asynchronously beside the warps: the tensor memory
 accelerator (TMA) copies tiles from global to shared memory, and ``wgmma``
@@ -43,25 +43,41 @@ as zero (the copy engine fills them), rows past the end are not stored (the
 copy engine clips the output), and a row with nothing allowed gets output 0
 and LSE ``-inf``, never NaN.
 
+The dQ kernel (``_attn_bwd_dq_sm90``, opt-in with dK/dV: ``MASKC_GLUON_BACKWARD=1``) walks the
+forward's lists with the forward's schedule: its load warp copies the rows' Q and dO once, then
+K and V per step; each consumer first reads its rows of O and stores its rows' LSE in base 2
+and ``delta = rowsum(dO * O) - dLSE`` (the dK/dV kernel reads them), then per step computes
+``S = Q K^T`` and ``dP = dO V^T``, ``P`` from the LSE, ``dS = P (dP - delta)`` and ``dQ += dS
+K``. Step ``i`` issues its two products, then step ``i - 1``'s ``dQ``, which runs under step
+``i``'s elementwise work (``DQ_OVERLAP``); two warpgroups of 64 rows take turns
+(``DQ_PINGPONG``). dQ stays in registers and is stored once, with plain stores, since ring
+attention adds it into a float32 sum (``ADD_DQ``).
+
+Both backward kernels, like the forward, leave no product in flight from one iteration of
+their loop to the next: where one was (the first dK/dV kernel issued the next step's products
+before waiting for this step's), ptxas serialized every ``wgmma`` of the kernel (its log:
+"wgmma.mma_async instructions are serialized"), and ``tests/test_hopper_compile.py`` checks
+that it does not.
+
 The dK/dV kernel (``_attn_bwd_dkdv_sm90``, opt-in: ``MASKC_GLUON_BACKWARD=1``) reads the same
 tables in the other direction: one program per ``BLOCK_N`` keys of ``KV_ORDER``, walking the
 query blocks listed for its key block, for every query head sharing its key head. Its load
 warp copies K and V once, then each step's Q, dO and the rows' LSE (base 2) and delta that the
-Triton dQ kernel stores, one after another into ``STAGES`` buffers. Its consumers hold dK and
+dQ kernel (either) stores, one after another into ``STAGES`` buffers. Its consumers hold dK and
 dV in registers over the whole loop and, per step, compute ``S^T = K Q^T`` and ``dP^T = V dO^T``
 (keys down), ``P^T`` from the LSE (masked by the keys' spans on PARTIAL steps), ``dV += P^T dO``
-and ``dK += dS^T Q`` with P and dS as register operands; the next step's two products are issued
-before this step's are waited for (``DKDV_OVERLAP``). No atomics: every key has one writer. It is
-still slower than the Triton dK/dV kernel (bench/RESULTS.md), hence opt-in.
+and ``dK += dS^T Q`` with P and dS as register operands; step ``i`` issues its two products, then
+step ``i - 1``'s ``dV`` and ``dK`` (``DKDV_OVERLAP``). No atomics: every key has one writer. Its
+first version measured slower than the Triton dK/dV kernel (bench/RESULTS.md), with its
+``wgmma`` serialized; this one and the dQ kernel are not yet measured, hence opt-in.
 
-What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths``
-say why not, and the Triton kernel runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64, 128
-or 256 (dK/dV: 64 or 128, and ``q_len`` a multiple of 4, for 16-byte aligned row-term copies),
-masks whose PARTIAL tiles test spans (no generated predicate, no bit
-patterns), table blocks that the tiles divide, tensors a TMA descriptor can
-describe, and problems of at least ``launch.TMA_MIN_PAIRS`` pairs (below that
-the host's descriptors cost more than the kernel saves). ``MASKC_GLUON=0``
-turns it off. dQ always runs the Triton kernel.
+What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths`` say why not, and
+the Triton kernel runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64,
+128 or 256 (dK/dV: 64 or 128, and ``q_len`` a multiple of 4, for 16-byte aligned row-term
+copies), masks whose PARTIAL tiles test spans (no generated predicate, no bit
+patterns), table blocks that the tiles divide, tensors a TMA descriptor can describe, and problems
+of at least ``launch.TMA_MIN_PAIRS`` pairs (below that the host's descriptors cost more than the
+kernel saves). ``MASKC_GLUON=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -81,18 +97,24 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import kernels, tuning
 
-#: head dim -> (BLOCK_M, BLOCK_N, STAGES) of the forward and of the dK/dV kernel: ``tuning.py``
+#: head dim -> (BLOCK_M, BLOCK_N, STAGES) of the forward, dK/dV and dQ kernels: ``tuning.py``
 #: keeps them (with why), so that the plan trims the PARTIAL steps of these tiles too.
 CONFIGS = tuning.SM90_FORWARD
 DKDV_CONFIGS = tuning.SM90_DKDV
+DQ_CONFIGS = tuning.SM90_DQ
 
-#: The dK/dV kernel's schedule: issue the next step's ``S^T`` and ``dP^T`` before waiting for this
-#: step's ``dV`` and ``dK`` (``DKDV_OVERLAP``); split a program's keys over two consumer partitions
-#: of one warpgroup that take turns on the tensor cores (``DKDV_PINGPONG``). One partition of both
-#: warpgroups measured 12% faster (bench/RESULTS.md), but the GPU suite has passed the ping-pong
-#: schedule only so far: it stays the default until a GPU run checks the other.
+#: The dK/dV kernel's schedule: step ``i``'s ``S^T`` and ``dP^T`` issued before step ``i - 1``'s
+#: ``dV`` and ``dK`` (``DKDV_OVERLAP``); a program's keys split over two consumer partitions of one
+#: warpgroup that take turns on the tensor cores (``DKDV_PINGPONG``). With the first schedule,
+#: whose ``wgmma`` ptxas serialized, one partition of both warpgroups measured 12% faster
+#: (bench/RESULTS.md); both are to be measured again.
 DKDV_OVERLAP = True
 DKDV_PINGPONG = True
+#: The dQ kernel's schedule, as the forward's: two consumer partitions of one warpgroup's rows
+#: each (``DQ_PINGPONG``), step ``i``'s ``S`` and ``dP`` issued before step ``i - 1``'s ``dQ``
+#: (``DQ_OVERLAP``).
+DQ_OVERLAP = True
+DQ_PINGPONG = True
 
 #: Registers a thread of the load warp keeps (it walks lists and issues copies); the consumers
 #: get the rest of the multiprocessor's.
@@ -132,7 +154,7 @@ def descriptor(t: torch.Tensor, strides: list[int], rows: int) -> TensorDescript
     return TensorDescriptor(t, list(t.shape), strides, block, layout)
 
 
-# -- kernel ---------------------------------------------------------------------------------
+# -- shared by the kernels --------------------------------------------------------------
 @gluon.jit
 def _barriers(n: gl.constexpr, count: gl.constexpr):
     """A ring of ``n`` mbarriers, each completing a phase after ``count`` arrivals (or a copy's
@@ -156,17 +178,63 @@ def _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, B
 
 
 @gluon.jit
-def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, b, h,
-              kv_head, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps,
-              BK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The load partition: Q (one buffer per consumer partition), then K and V
-    of every step, ``STAGES`` buffers ahead."""
-    HALVES: gl.constexpr = q_smem.shape[0]
-    ROWS: gl.constexpr = q_desc.block_type.shape[2]
-    if n_steps > 0:
-        mbarrier.expect(q_bar, HALVES * q_desc.block_type.nbytes)
-        for half in gl.static_range(HALVES):
-            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], q_bar, q_smem.index(half))
+def _program_steps(T, slot, block, n_blocks, pos, n, FORWARD: gl.constexpr, ONE_LOOP: gl.constexpr,
+                   TRIM: gl.constexpr, TABLE_BLOCK: gl.constexpr, STEP: gl.constexpr, PROGRAM: gl.constexpr):
+    """The steps of a program of ``PROGRAM`` positions from ``pos`` (of ``n``), in table block
+    ``block`` (of ``n_blocks``) of slot ``slot``, over the forward's lists (``FORWARD``: key steps
+    of ``STEP`` in blocks of ``TABLE_BLOCK``) or dK/dV's (query steps): its FULL list's first step
+    and count, its PARTIAL list's (trimmed) steps, and both index arrays."""
+    if FORWARD:
+        full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
+            T, kernels.FWD_FULL_PTR, kernels.FWD_FULL_IDX, kernels.FWD_PART_PTR, kernels.FWD_PART_IDX,
+            kernels.FWD_PART_PATTERN)
+    else:
+        full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
+            T, kernels.BWD_FULL_PTR, kernels.BWD_FULL_IDX, kernels.BWD_PART_PTR, kernels.BWD_PART_IDX,
+            kernels.BWD_PART_PATTERN)
+    at = slot * (n_blocks + 1) + block
+    STEPS: gl.constexpr = TABLE_BLOCK // STEP  # kernel steps a listed block
+    full_first = 0
+    n_full = 0
+    if not ONE_LOOP:
+        lo, hi = kernels._list_span(full_ptr, at)
+        full_first = lo * STEPS
+        n_full = (hi - lo) * STEPS
+    part_first, part_end = kernels._partial_steps(T, part_ptr, at, slot, pos, n, STEPS, PROGRAM, TRIM)
+    return full_idx, full_first, n_full, part_idx, part_first, part_end
+
+
+@gluon.constexpr_function
+def _mma_layouts(num_warps, cols, head_d):
+    """The register layouts of a consumer: ``wgmma`` results of ``cols`` columns (scores), of
+    ``head_d`` columns (accumulated over the loop), and the second's left operand (probabilities
+    or score gradients, from registers)."""
+    scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_d, 16])
+    return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+
+
+@gluon.jit
+def _mask_step(x, fill, i, n_full, start, lo, hi, whole_lo, whole_hi, ONE_LOOP: gl.constexpr, STEP: gl.constexpr,
+               layout: gl.constexpr):
+    """``x`` (rows down, the step's ``STEP`` positions from ``start`` across) with ``fill`` where a
+    position lies outside its row's span ``[lo, hi)``, on the steps that need a mask: PARTIAL ones
+    (``i >= n_full``), or with ``ONE_LOOP`` those the spans do not all cover whole."""
+    masked = i >= n_full
+    if ONE_LOOP:
+        masked = not kernels._whole(start, STEP, whole_lo, whole_hi)
+    if masked:
+        across = start + gl.arange(0, STEP, gl.SliceLayout(0, layout))
+        x = gl.where(kernels._inside(across[None, :], lo[:, None], hi[:, None]), x, fill)
+    return x
+
+
+@gluon.jit
+def _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
+             n_full, part_idx, part_first, part_end, n_steps, BK: gl.constexpr, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr):
+    """A load partition's loop over a query program's steps (forward, dQ): the step's K and V,
+    each into a ring of ``STAGES`` buffers once the consumers have released it."""
     for i in range(n_steps):
         start_n = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
         stage = i % STAGES
@@ -180,34 +248,70 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
 
 
 @gluon.jit
+def _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr,
+                         N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr):
+    """What a forward or dQ program starts from: its batch and head (``bh``, ``b``, ``h``), its
+    first row, its steps (``_program_steps``; none where it starts past the end) and its slot's
+    row spans."""
+    gl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
+    gl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
+    bh = gl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    slot, qb, start_m = kernels._query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
+    full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
+        T, slot, qb, n_q_blocks, start_m, q_len, True, ONE_LOOP, TRIM, BK, BLOCK_N, BLOCK_M)
+    n_steps = n_full + part_end - part_first
+    if start_m >= q_len:
+        n_steps = 0
+    spans_at = slot.to(gl.int64) * q_len
+    return (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps,
+            kernels._section(T, kernels.ROW_LO) + spans_at, kernels._section(T, kernels.ROW_HI) + spans_at)
+
+
+@gluon.jit
+def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """A query program's K and V buffers, ``STAGES`` of each, with their *ready* barriers (the
+    copy engine completes them) and *empty* barriers (every one of ``CONSUMERS`` partitions
+    releases them)."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    return (k_smem, v_smem, _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS), _barriers(STAGES, 1),
+            _barriers(STAGES, CONSUMERS))
+
+
+# -- forward --------------------------------------------------------------------------------
+@gluon.jit
+def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, b, h,
+              kv_head, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps,
+              BK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The load partition: Q (one buffer per consumer partition), then K and V
+    of every step, ``STAGES`` buffers ahead."""
+    HALVES: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    if n_steps > 0:
+        mbarrier.expect(q_bar, HALVES * q_desc.block_type.nbytes)
+        for half in gl.static_range(HALVES):
+            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], q_bar, q_smem.index(half))
+    _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
+             n_full, part_idx, part_first, part_end, n_steps, BK, BLOCK_N, STAGES)
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi, qk_scale,
                   ONE_LOOP: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
     """One online-softmax step of scores ``s``: masked by the rows' spans in PARTIAL steps (with
     ``ONE_LOOP``, in steps the spans do not cover); returns ``p``, the new maximum, the new row
     sums and the factor that rescales what was accumulated. A row with nothing allowed so far
     keeps ``m = -inf`` and exponentiates against 0."""
-    t = s * qk_scale
-    masked = i >= n_full
-    if ONE_LOOP:
-        masked = not kernels._whole(start_n, BLOCK_N, whole_lo, whole_hi)
-    if masked:
-        cols = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-        t = gl.where(kernels._inside(cols[None, :], row_lo[:, None], row_hi[:, None]), t, float("-inf"))
+    t = _mask_step(s * qk_scale, float("-inf"), i, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi, ONE_LOOP,
+                   BLOCK_N, s_layout)
     m_new = gl.maximum(m_i, gl.max(t, 1))
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(t - m_ref[:, None])
     alpha = gl.exp2(m_i - m_ref)
     return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
-
-
-@gluon.constexpr_function
-def _mma_layouts(num_warps, cols, head_d):
-    """The register layouts of a consumer: ``wgmma`` results of ``cols`` columns (scores), of
-    ``head_d`` columns (accumulated over the loop), and the second's left operand (probabilities
-    or score gradients, from registers)."""
-    scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
-    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_d, 16])
-    return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
 
 
 @gluon.jit
@@ -226,8 +330,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
 
     rows = start_m + gl.arange(0, BLOCK_M, rows_layout)
     in_rows = rows < q_len
-    row_lo = gl.load(span_lo_ptr + rows, mask=in_rows, other=0)
-    row_hi = gl.load(span_hi_ptr + rows, mask=in_rows, other=0)
+    row_lo, row_hi = kernels._spans_of(span_lo_ptr, span_hi_ptr, rows, q_len, True)
     whole_lo = gl.max(row_lo, 0)  # ONE_LOOP: a step inside every row's span needs no mask
     whole_hi = gl.min(row_hi, 0)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_layout)
@@ -291,34 +394,17 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
                    ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr,
                    BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                    STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
-    gl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
-    gl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh = gl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    slot, qb, start_m = kernels._query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
-    full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
-        T, slot, qb, n_q_blocks, start_m, q_len, True, ONE_LOOP, TRIM, BK, BLOCK_N, BLOCK_M)
-    n_steps = n_full + part_end - part_first
-    if start_m >= q_len:
-        n_steps = 0
-    spans_at = slot.to(gl.int64) * q_len
+    (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, row_lo,
+     row_hi) = _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M,
+                                    BLOCK_N)
 
     dtype: gl.constexpr = q_desc.dtype
     HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own rows and Q buffer
     ROWS: gl.constexpr = BLOCK_M // HALVES
     gl.static_assert(q_desc.block_type.shape[2] == ROWS, "Q and O are copied in tiles of a partition's rows")
     q_smem = gl.allocate_shared_memory(dtype, [HALVES] + q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = _barriers(1, 1).index(0)
-    k_ready = _barriers(STAGES, 1)
-    k_empty = _barriers(STAGES, HALVES)  # released by every consumer partition
-    v_ready = _barriers(STAGES, 1)
-    v_empty = _barriers(STAGES, HALVES)
-
-    row_lo = kernels._section(T, kernels.ROW_LO) + spans_at
-    row_hi = kernels._section(T, kernels.ROW_HI) + spans_at
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, STAGES, HALVES)
     if PINGPONG:  # two warpgroups of 64 rows on the same K/V: one's softmax runs beside the other's products
         gl.warp_specialize([
             (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
@@ -345,34 +431,192 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
         ], [1], [LOAD_REGS])
 
 
-# -- dK/dV ----------------------------------------------------------------------------------
+# -- dQ -------------------------------------------------------------------------------------
 @gluon.jit
-def _program_steps(T, slot, block, n_blocks, pos, n, FORWARD: gl.constexpr, ONE_LOOP: gl.constexpr,
-                   TRIM: gl.constexpr, TABLE_BLOCK: gl.constexpr, STEP: gl.constexpr, PROGRAM: gl.constexpr):
-    """The steps of a program of ``PROGRAM`` positions from ``pos`` (of ``n``), in table block
-    ``block`` (of ``n_blocks``) of slot ``slot``, over the forward's lists (``FORWARD``: key steps
-    of ``STEP`` in blocks of ``TABLE_BLOCK``) or dK/dV's (query steps): its FULL list's first step
-    and count, its PARTIAL list's (trimmed) steps, and both index arrays."""
-    if FORWARD:
-        full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
-            T, kernels.FWD_FULL_PTR, kernels.FWD_FULL_IDX, kernels.FWD_PART_PTR, kernels.FWD_PART_IDX,
-            kernels.FWD_PART_PATTERN)
+def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_ready,
+             v_empty, b, h, kv_head, start_m, q_len, full_idx, full_first, n_full, part_idx, part_first, part_end,
+             n_steps, BK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The load partition: Q and dO of the program's rows (one buffer each per consumer
+    partition), then K and V of every step, ``STAGES`` buffers ahead."""
+    HALVES: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    if start_m < q_len:  # every row gets its row terms, even one whose program has no step
+        mbarrier.expect(rows_bar, HALVES * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
+        for half in gl.static_range(HALVES):
+            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], rows_bar, q_smem.index(half))
+            _tma_load(do_desc, [b, h, start_m + half * ROWS, 0], rows_bar, do_smem.index(half))
+    _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
+             n_full, part_idx, part_first, part_end, n_steps, BK, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, i, s_zero, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """Issue step ``i``'s ``S = Q K^T`` and ``dP = dO V^T`` once its K and V are in."""
+    stage = i % STAGES
+    phase = (i // STAGES) & 1
+    mbarrier.wait(k_ready.index(stage), phase)
+    s = warpgroup_mma(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    mbarrier.wait(v_ready.index(stage), phase)
+    dp = warpgroup_mma(do, v_smem.index(stage).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero, use_acc=False,
+                       is_async=True)
+    return s, dp
+
+
+@gluon.jit
+def _dq_ds(s, dp, lse2, delta, v_empty, i, n_full, start_n, lo, hi, whole_lo, whole_hi, qk_scale, dtype: gl.constexpr,
+           STAGES: gl.constexpr, ONE_LOOP: gl.constexpr, BLOCK_N: gl.constexpr, PENDING: gl.constexpr,
+           s_layout: gl.constexpr, ds_layout: gl.constexpr):
+    """Step ``i``'s ``dS = P (dP - delta)`` from its issued ``S`` and ``dP``, with ``PENDING``
+    products issued after them still running: ``P`` from the rows' LSE (``+inf`` on empty rows:
+    ``P = 0``), masked where the step needs it, while ``dP`` runs; V's buffer is released once
+    ``dP`` is in."""
+    s = warpgroup_mma_wait(PENDING + 1, deps=(s, ))
+    p = gl.exp2(s * qk_scale - lse2[:, None])
+    p = _mask_step(p, 0.0, i, n_full, start_n, lo, hi, whole_lo, whole_hi, ONE_LOOP, BLOCK_N, s_layout)
+    dp = warpgroup_mma_wait(PENDING, deps=(dp, ))
+    mbarrier.arrive(v_empty.index(i % STAGES), count=1)
+    return gl.convert_layout((p * (dp - delta[:, None])).to(dtype), ds_layout)
+
+
+@gluon.jit
+def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_ready, v_empty, o_base, stride_om,
+                stride_od, Lse, dLse, Lse2, Delta, dq_base, stride_dqm, stride_dqd, bh, program_m, start_m, q_len,
+                row_lo, row_hi, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, qk_scale, scale,
+                ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr,
+                num_warps: gl.constexpr):
+    """A consumer partition, ``BLOCK_M`` rows from ``start_m`` (of the program's from
+    ``program_m``): the rows' LSE in base 2 and ``delta = rowsum(dO * O) - dLSE``, stored for the
+    dK/dV kernel; then per step ``S = Q K^T`` and ``dP = dO V^T``, ``P`` from the LSE (masked by
+    the rows' spans where the step needs it), ``dS = P (dP - delta)`` and ``dQ += dS K`` with dS
+    from registers. With ``OVERLAP`` step ``i`` issues its ``S`` and ``dP``, then step ``i - 1``'s
+    ``dQ += dS K``, which runs under step ``i``'s elementwise work; as in the forward, nothing is
+    in flight from one iteration of the loop to the next (ptxas serializes ``wgmma`` otherwise).
+    dQ (times ``scale``; with ``ADD_DQ`` added to what ``dQ`` holds, where the program has steps)
+    is stored with the rows past the end left out."""
+    s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[0]
+    dq_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[1]
+    ds_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[2]
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    dtype: gl.constexpr = q_smem.dtype
+    q = q_smem.reshape([BLOCK_M, HEAD_D])
+    do = do_smem.reshape([BLOCK_M, HEAD_D])
+
+    rows = start_m + gl.arange(0, BLOCK_M, rows_layout)
+    lo, hi = kernels._spans_of(row_lo, row_hi, rows, q_len, True)
+    whole_lo = gl.max(lo, 0)  # ONE_LOOP: a step inside every row's span needs no mask
+    whole_hi = gl.min(hi, 0)
+    dq = gl.zeros([BLOCK_M, HEAD_D], gl.float32, dq_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if program_m < q_len:
+        mbarrier.wait(rows_bar, 0)
+        # O (read once, for delta: no buffer of its own) and dO in 16-byte segments of rows, their
+        # row terms then moved to the scores' rows
+        o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        o_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
+        o_in = o_rows < q_len
+        o = gl.load(o_base + o_rows[:, None].to(gl.int64) * stride_om + o_cols[None, :] * stride_od,
+                    mask=o_in[:, None], other=0.0)
+        lse2, delta = kernels._row_terms(o, do.load(o_layout), Lse, dLse, Lse2, Delta,
+                                         bh.to(gl.int64) * q_len + o_rows, o_in)
+        lse2 = gl.convert_layout(lse2, rows_layout)
+        delta = gl.convert_layout(delta, rows_layout)
+        if n_steps > 0:
+            s, dp = _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, 0, s_zero, BLOCK_N, HEAD_D, STAGES)
+            start_n = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
+            ds = _dq_ds(s, dp, lse2, delta, v_empty, 0, n_full, start_n, lo, hi, whole_lo, whole_hi, qk_scale, dtype,
+                        STAGES, ONE_LOOP, BLOCK_N, 0, s_layout, ds_layout)
+            for i in range(1, n_steps):
+                prev = (i - 1) % STAGES
+                k_prev = k_smem.index(prev).reshape([BLOCK_N, HEAD_D])
+                if not OVERLAP:  # dQ += dS_{i-1} K_{i-1}, waited for before step i starts
+                    dq = warpgroup_mma(ds, k_prev, dq)
+                    mbarrier.arrive(k_empty.index(prev), count=1)
+                s, dp = _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, i, s_zero, BLOCK_N, HEAD_D, STAGES)
+                start_n = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
+                if OVERLAP:  # S_i, dP_i, then dQ += dS_{i-1} K_{i-1}, which runs under dS_i's work
+                    dq = warpgroup_mma(ds, k_prev, dq, is_async=True)
+                    ds_i = _dq_ds(s, dp, lse2, delta, v_empty, i, n_full, start_n, lo, hi, whole_lo, whole_hi,
+                                  qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_N, 1, s_layout, ds_layout)
+                    dq, ds = warpgroup_mma_wait(0, deps=(dq, ds))
+                    mbarrier.arrive(k_empty.index(prev), count=1)
+                    ds = ds_i
+                else:
+                    ds = _dq_ds(s, dp, lse2, delta, v_empty, i, n_full, start_n, lo, hi, whole_lo, whole_hi,
+                                qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_N, 0, s_layout, ds_layout)
+            last = (n_steps - 1) % STAGES
+            dq = warpgroup_mma(ds, k_smem.index(last).reshape([BLOCK_N, HEAD_D]), dq)
+            mbarrier.arrive(k_empty.index(last), count=1)
+
+    dq_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, dq_layout))
+    cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, dq_layout))
+    at = dq_base + dq_rows[:, None].to(gl.int64) * stride_dqm + cols[None, :] * stride_dqd
+    stored = (dq_rows < q_len)[:, None]
+    dq = dq * scale
+    if ADD_DQ:  # a float32 sum over ring tiles: the rows of a program with no step are not touched
+        if n_steps > 0:
+            gl.store(at, dq + gl.load(at, mask=stored, other=0.0), mask=stored)
     else:
-        full_ptr, full_idx, part_ptr, part_idx, part_pattern = kernels._query_lists(
-            T, kernels.BWD_FULL_PTR, kernels.BWD_FULL_IDX, kernels.BWD_PART_PTR, kernels.BWD_PART_IDX,
-            kernels.BWD_PART_PATTERN)
-    at = slot * (n_blocks + 1) + block
-    STEPS: gl.constexpr = TABLE_BLOCK // STEP  # kernel steps a listed block
-    full_first = 0
-    n_full = 0
-    if not ONE_LOOP:
-        lo, hi = kernels._list_span(full_ptr, at)
-        full_first = lo * STEPS
-        n_full = (hi - lo) * STEPS
-    part_first, part_end = kernels._partial_steps(T, part_ptr, at, slot, pos, n, STEPS, PROGRAM, TRIM)
-    return full_idx, full_first, n_full, part_idx, part_first, part_end
+        gl.store(at, dq.to(dq_base.dtype.element_ty), mask=stored)
 
 
+@gluon.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_bwd_dq_sm90(q_desc, do_desc, k_desc, v_desc, Out, Lse, dLse, Lse2, Delta, dQ, T, stride_ob, stride_oh,
+                      stride_om, stride_od, stride_dqb, stride_dqh, stride_dqm, stride_dqd, n_heads, group, q_len,
+                      kv_len, n_q_blocks, qk_scale, scale,
+                      ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr,
+                      BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                      STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, ADD_DQ: gl.constexpr,
+                      num_warps: gl.constexpr):
+    (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, row_lo,
+     row_hi) = _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M,
+                                    BLOCK_N)
+    o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    dq_base = dQ + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
+
+    dtype: gl.constexpr = q_desc.dtype
+    HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own rows
+    ROWS: gl.constexpr = BLOCK_M // HALVES
+    gl.static_assert(q_desc.block_type.shape[2] == ROWS, "Q and dO are copied in tiles of a partition's rows")
+    q_smem = gl.allocate_shared_memory(dtype, [HALVES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [HALVES] + do_desc.block_type.shape, do_desc.layout)
+    rows_bar = _barriers(1, 1).index(0)
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, STAGES, HALVES)
+    if PINGPONG:  # two warpgroups of 64 rows on the same K/V: one's elementwise work beside the other's products
+        gl.warp_specialize([
+            (_dq_consume, (q_smem.index(0), do_smem.index(0), k_smem, v_smem, rows_bar, k_ready, k_empty,
+                           v_ready, v_empty, o_base, stride_om, stride_od, Lse, dLse, Lse2, Delta, dq_base,
+                           stride_dqm, stride_dqd, bh, start_m, start_m, q_len, row_lo, row_hi, full_idx,
+                           full_first, n_full, part_idx, part_first, part_end, n_steps, qk_scale, scale, ONE_LOOP,
+                           BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP, ADD_DQ, ROWS // 16)),
+            (_dq_consume, (q_smem.index(1), do_smem.index(1), k_smem, v_smem, rows_bar, k_ready, k_empty,
+                           v_ready, v_empty, o_base, stride_om, stride_od, Lse, dLse, Lse2, Delta, dq_base,
+                           stride_dqm, stride_dqd, bh, start_m, start_m + ROWS, q_len, row_lo, row_hi, full_idx,
+                           full_first, n_full, part_idx, part_first, part_end, n_steps, qk_scale, scale, ONE_LOOP,
+                           BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP, ADD_DQ, ROWS // 16)),
+            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty,
+                        v_ready, v_empty, b, h, h // group, start_m, q_len, full_idx, full_first, n_full, part_idx,
+                        part_first, part_end, n_steps, BK, BLOCK_N,
+                        STAGES)),  # constexprs stay constexprs only written in place
+        ], [ROWS // 16, 1], [CONSUMER_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_dq_consume, (q_smem.index(0), do_smem.index(0), k_smem, v_smem, rows_bar, k_ready, k_empty,
+                           v_ready, v_empty, o_base, stride_om, stride_od, Lse, dLse, Lse2, Delta, dq_base,
+                           stride_dqm, stride_dqd, bh, start_m, start_m, q_len, row_lo, row_hi, full_idx,
+                           full_first, n_full, part_idx, part_first, part_end, n_steps, qk_scale, scale, ONE_LOOP,
+                           BK, BLOCK_M, BLOCK_N, HEAD_D, STAGES, OVERLAP, ADD_DQ, num_warps)),
+            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty,
+                        v_ready, v_empty, b, h, h // group, start_m, q_len, full_idx, full_first, n_full, part_idx,
+                        part_first, part_end, n_steps, BK, BLOCK_N,
+                        STAGES)),  # constexprs stay constexprs only written in place
+        ], [1], [LOAD_REGS])
+
+
+# -- dK/dV ----------------------------------------------------------------------------------
 @gluon.jit
 def _dkdv_load(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                delta_smem, kv_bar, ready, empty, T, b, kv_head, group, n_heads, kb, start_n, q_len, kv_len,
@@ -424,6 +668,27 @@ def _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M: gl.conste
 
 
 @gluon.jit
+def _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it, i, n_full, start_m, col_lo, col_hi, whole_lo, whole_hi, qk_scale,
+              dtype: gl.constexpr, STAGES: gl.constexpr, ONE_LOOP: gl.constexpr, BLOCK_M: gl.constexpr,
+              PENDING: gl.constexpr, st_layout: gl.constexpr, op_layout: gl.constexpr):
+    """Step ``i`` (``it`` of the program)'s ``P^T`` and ``dS^T = P^T (dP^T - delta)`` as ``wgmma``
+    operands, from its issued ``S^T`` and ``dP^T`` with ``PENDING`` products issued after them
+    still running: ``P^T`` from the rows' LSE (``+inf`` on empty rows: ``P = 0``), masked by the
+    keys' spans where the step needs it (every step with rows past the end does), while ``dP^T``
+    runs."""
+    queries_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    stage = it % STAGES
+    s_t = warpgroup_mma_wait(PENDING + 1, deps=(s_t, ))
+    lse2 = lse_smem.index(stage).load(queries_layout)
+    p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
+    p_t = _mask_step(p_t, 0.0, i, n_full, start_m, col_lo, col_hi, whole_lo, whole_hi, ONE_LOOP, BLOCK_M, st_layout)
+    dp_t = warpgroup_mma_wait(PENDING, deps=(dp_t, ))
+    delta = delta_smem.index(stage).load(queries_layout)
+    return (gl.convert_layout(p_t.to(dtype), op_layout),
+            gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout))
+
+
+@gluon.jit
 def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, ready, empty, dk_desc, dv_desc, T,
                   b, kv_head, group, kb, start_n, keys_at, kv_len, n_kv_blocks, listed, qk_scale, scale,
                   N_MASK_HEADS: gl.constexpr, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, BQ: gl.constexpr,
@@ -431,72 +696,75 @@ def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar,
                   STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """A consumer partition, ``ROWS`` keys (from ``keys_at``, its K/V buffers ``k_smem`` and
     ``v_smem``) down and a step's queries across: per step ``S^T = K Q^T`` and ``dP^T = V dO^T``,
-    ``P^T`` from the saved LSE, ``dV += P^T dO``, ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``;
-    dK and dV stay in registers until the program's last step. With ``OVERLAP`` the next step's
-    ``S^T`` and ``dP^T`` are issued before this step's ``dV`` and ``dK`` are waited for."""
+    ``P^T`` from the saved LSE, ``dS^T = P^T (dP^T - delta)``, ``dV += P^T dO`` and ``dK += dS^T
+    Q``; dK and dV stay in registers until the program's last step. With ``OVERLAP`` step ``i``
+    issues its ``S^T`` and ``dP^T``, then step ``i - 1``'s ``dV`` and ``dK`` products, which run
+    under step ``i``'s elementwise work; nothing is in flight from one iteration of the loop to
+    the next (ptxas serializes ``wgmma`` otherwise)."""
     st_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[0]
     acc_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[1]
     op_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[2]
     keys_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
-    queries_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     dtype: gl.constexpr = k_smem.dtype
     k = k_smem.reshape([ROWS, HEAD_D])
     v = v_smem.reshape([ROWS, HEAD_D])
 
     keys = keys_at + gl.arange(0, ROWS, keys_layout)
-    in_keys = keys < kv_len
     dk = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
     st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout)
     if listed > 0:
         mbarrier.wait(kv_bar, 0)
         head_slot = kernels._section(T, kernels.HEAD_SLOT)
-        it = 0
+        it = 0  # the program's steps so far, over the heads: the ring's position
         for g in range(group):  # the query heads that share this key head
             h = kv_head * group + g
             slot = gl.load(head_slot + h % N_MASK_HEADS)
             full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
                 T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
             spans_at = slot.to(gl.int64) * kv_len
-            col_lo = gl.load(kernels._section(T, kernels.COL_LO) + spans_at + keys, mask=in_keys, other=0)
-            col_hi = gl.load(kernels._section(T, kernels.COL_HI) + spans_at + keys, mask=in_keys, other=0)
+            col_lo, col_hi = kernels._spans_of(kernels._section(T, kernels.COL_LO) + spans_at,
+                                               kernels._section(T, kernels.COL_HI) + spans_at, keys, kv_len, True)
             whole_lo = gl.max(col_lo, 0)  # ONE_LOOP: a step inside every key's span needs no mask
             whole_hi = gl.min(col_hi, 0)
             n_steps = n_full + part_end - part_first
-            s_t = warpgroup_mma_init(st_zero)  # the type of an issued product, carried across steps
-            dp_t = warpgroup_mma_init(st_zero)
             if n_steps > 0:
                 s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M, HEAD_D, STAGES)
-            for i in range(n_steps):
-                stage = it % STAGES
-                q = q_smem.index(stage).reshape([BLOCK_M, HEAD_D])
-                do = do_smem.index(stage).reshape([BLOCK_M, HEAD_D])
-                start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
-                s_done = warpgroup_mma_wait(1, deps=(s_t, ))
-                lse2 = lse_smem.index(stage).load(queries_layout)
-                p_t = gl.exp2(s_done * qk_scale - lse2[None, :])  # lse2 = +inf on empty rows: P = 0
-                masked = i >= n_full
-                if ONE_LOOP:
-                    masked = not kernels._whole(start_m, BLOCK_M, whole_lo, whole_hi)
-                if masked:  # also every step with rows past the end
-                    queries = start_m + gl.arange(0, BLOCK_M, queries_layout)
-                    p_t = gl.where(kernels._inside(queries[None, :], col_lo[:, None], col_hi[:, None]), p_t, 0.0)
-                p_op = gl.convert_layout(p_t.to(dtype), op_layout)
-                dv_issued = warpgroup_mma(p_op, do, dv, is_async=True)
-                dp_done = warpgroup_mma_wait(1, deps=(dp_t, ))
-                delta = delta_smem.index(stage).load(queries_layout)
-                ds_op = gl.convert_layout((p_t * (dp_done - delta[None, :])).to(dtype), op_layout)
-                dk_issued = warpgroup_mma(ds_op, q, dk, is_async=True)
-                if i + 1 < n_steps:
-                    if not OVERLAP:
-                        warpgroup_mma_wait(0, deps=(dv_issued, dk_issued, p_op, ds_op))
-                    s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it + 1, st_zero, BLOCK_M, HEAD_D,
+                start_m = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
+                p_op, ds_op = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it, 0, n_full, start_m, col_lo, col_hi,
+                                        whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_M, 0, st_layout,
+                                        op_layout)
+                for i in range(1, n_steps):
+                    prev = (it + i - 1) % STAGES
+                    q_prev = q_smem.index(prev).reshape([BLOCK_M, HEAD_D])
+                    do_prev = do_smem.index(prev).reshape([BLOCK_M, HEAD_D])
+                    if not OVERLAP:  # dV and dK of step i - 1, waited for before step i starts
+                        dv = warpgroup_mma(p_op, do_prev, dv)
+                        dk = warpgroup_mma(ds_op, q_prev, dk)
+                        mbarrier.arrive(empty.index(prev), count=1)
+                    s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it + i, st_zero, BLOCK_M, HEAD_D,
                                                STAGES)
-                    dv, dk, p_op, ds_op = warpgroup_mma_wait(2, deps=(dv_issued, dk_issued, p_op, ds_op))
-                else:
-                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_issued, dk_issued, p_op, ds_op))
-                mbarrier.arrive(empty.index(stage), count=1)
-                it += 1
+                    start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ,
+                                        BLOCK_M)
+                    if OVERLAP:  # S^T_i, dP^T_i, then dV and dK of step i - 1, under step i's work
+                        dv = warpgroup_mma(p_op, do_prev, dv, is_async=True)
+                        dk = warpgroup_mma(ds_op, q_prev, dk, is_async=True)
+                        p_i, ds_i = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it + i, i, n_full, start_m, col_lo,
+                                              col_hi, whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP,
+                                              BLOCK_M, 2, st_layout, op_layout)
+                        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+                        mbarrier.arrive(empty.index(prev), count=1)
+                        p_op = p_i
+                        ds_op = ds_i
+                    else:
+                        p_op, ds_op = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it + i, i, n_full, start_m, col_lo,
+                                                col_hi, whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP,
+                                                BLOCK_M, 0, st_layout, op_layout)
+                last = (it + n_steps - 1) % STAGES
+                dv = warpgroup_mma(p_op, do_smem.index(last).reshape([BLOCK_M, HEAD_D]), dv)
+                dk = warpgroup_mma(ds_op, q_smem.index(last).reshape([BLOCK_M, HEAD_D]), dk)
+                mbarrier.arrive(empty.index(last), count=1)
+            it += n_steps
 
     k.store((dk * scale).to(dtype))  # K's and V's buffers are free: every product that read them completed
     v.store(dv.to(dtype))

@@ -155,10 +155,10 @@ def _hopper():
 _sm90_decided: dict[tuple, Optional[str]] = {}
 
 
-def sm90_unsupported(structure: Structure, q, k, v, kernel: str = "forward", d_out=None) -> Optional[str]:
-    """Why ``kernel`` (``"forward"`` or ``"dkdv"``) of these tensors under ``structure`` does not
-    run the sm_90 Gluon kernel (``hopper.py``), or ``None`` where it does (decode structures never
-    get here); the backward's ``d_out`` is copied too."""
+def sm90_unsupported(structure: Structure, kernel: str, q, k, v, *more: torch.Tensor) -> Optional[str]:
+    """Why ``kernel`` (``"forward"``, ``"dq"`` or ``"dkdv"``) of these tensors under ``structure``
+    does not run the sm_90 Gluon kernel (``hopper.py``), or ``None`` where it does (decode
+    structures never get here); ``more``: the backward's other tensors (``_run_sm90``)."""
     if os.environ.get("MASKC_GLUON", "1") == "0":
         return "turned off by MASKC_GLUON=0"
     if interpreting() or not q.is_cuda:
@@ -171,10 +171,10 @@ def sm90_unsupported(structure: Structure, q, k, v, kernel: str = "forward", d_o
         return hopper
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"q.dtype={q.dtype}; the path takes float16 and bfloat16"
-    if kernel == "dkdv" and os.environ.get("MASKC_GLUON_BACKWARD", "0") != "1":
-        return ("the sm_90 dK/dV kernel is opt-in (MASKC_GLUON_BACKWARD=1): it measures slower than the Triton "
-                "kernel so far")
-    configs = hopper.CONFIGS if kernel == "forward" else hopper.DKDV_CONFIGS
+    if kernel != "forward" and os.environ.get("MASKC_GLUON_BACKWARD", "0") != "1":
+        return (f"the sm_90 {'dQ' if kernel == 'dq' else 'dK/dV'} kernel is opt-in (MASKC_GLUON_BACKWARD=1) until "
+                "it outruns the Triton kernel")
+    configs = {"forward": hopper.CONFIGS, "dq": hopper.DQ_CONFIGS, "dkdv": hopper.DKDV_CONFIGS}[kernel]
     if q.shape[-1] not in configs or v.shape[-1] != q.shape[-1]:
         return (f"head dims {q.shape[-1]} and {v.shape[-1]}; the path's {kernel} takes equal head dims of "
                 f"{', '.join(map(str, configs))}")
@@ -187,8 +187,7 @@ def sm90_unsupported(structure: Structure, q, k, v, kernel: str = "forward", d_o
         return f"fewer than {TMA_MIN_PAIRS} pairs: the host's descriptors cost more than the kernel saves"
     if kernel == "dkdv" and structure.q_len % 4:
         return f"q_len={structure.q_len} is not a multiple of 4: the rows' LSE and delta are copied 16 bytes aligned"
-    copied = (q, k, v) if d_out is None else (q, k, v, d_out)
-    if not (_aligned(*copied) and describable(*copied)):
+    if not (_aligned(q, k, v, *more) and describable(q, k, v, *more)):
         return "a tensor's strides or alignment do not allow a TMA descriptor"
     return None
 
@@ -210,6 +209,26 @@ def _sm90_forward_launch(structure: Structure, q, k, v) -> Launch:
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
     return Launch(hopper._attn_fwd_sm90, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"),
                   config, {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)
+
+
+def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
+    hopper = _hopper()
+    block_m, block_n, stages = hopper.DQ_CONFIGS[q.shape[-1]]
+    rows = block_m // 2 if hopper.DQ_PINGPONG else block_m  # a consumer partition's rows: one warp per 16
+    config = tuning.TileConfig(block_m, block_n, rows // 16, stages)
+    fixed = dict(**_strides("o", out), **_strides("dq", dq), n_heads=q.shape[1], group=q.shape[1] // k.shape[1],
+                 q_len=structure.q_len, kv_len=structure.kv_len, n_q_blocks=structure.n_q_blocks,
+                 ONE_LOOP=structure.one_loop,
+                 TRIM=structure.trim("forward", block_m, block_n), N_MASK_HEADS=structure.n_mask_heads,
+                 BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
+                 STAGES=stages, OVERLAP=hopper.DQ_OVERLAP, PINGPONG=hopper.DQ_PINGPONG,
+                 ADD_DQ=dq.dtype == torch.float32,  # ``backward``'s dq_sum: inputs here are 16-bit
+                 maxnreg=hopper.MAX_REGS)
+    grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
+    return Launch(hopper._attn_bwd_dq_sm90, grid, fixed,
+                  ("q_desc", "k_desc", "v_desc", "Out", "do_desc", "dQ", "Lse", "dLse", "Lse2", "Delta", "T",
+                   "qk_scale", "scale"), config,
+                  {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "do_desc": rows}, True, _describe)
 
 
 def _sm90_dkdv_launch(structure: Structure, q, k, v, d_out) -> Launch:
@@ -236,15 +255,19 @@ def _sm90_key(kernel: str, structure: Structure, q, k, v, *more: torch.Tensor) -
         os.environ.get("MASKC_GLUON", "1"), os.environ.get("MASKC_GLUON_BACKWARD", "0"), TMA_MIN_PAIRS)
 
 
-def _sm90_reason(key: tuple, kernel: str, structure: Structure, q, k, v, d_out=None) -> Optional[str]:
+def _sm90_reason(key: tuple, kernel: str, structure: Structure, *tensors: torch.Tensor) -> Optional[str]:
     if key not in _sm90_decided:
-        _sm90_decided[key] = sm90_unsupported(structure, q, k, v, kernel, d_out)
+        _sm90_decided[key] = sm90_unsupported(structure, kernel, *tensors)
     return _sm90_decided[key]
 
 
+#: Each sm_90 kernel's launch, built from the structure and the tensors ``_run_sm90`` is given.
+_SM90_LAUNCHES = {"forward": _sm90_forward_launch, "dq": _sm90_dq_launch, "dkdv": _sm90_dkdv_launch}
+
+
 def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple) -> bool:
-    """Run the sm_90 ``kernel`` on ``values`` where it applies to ``tensors`` (q, k, v and the
-    backward's d_out); ``False`` where the Triton kernel must run."""
+    """Run the sm_90 ``kernel`` on ``values`` where it applies to ``tensors``: q, k, v and, for
+    dQ, out, d_out and dq, for dK/dV, d_out. ``False`` where the Triton kernel must run."""
     if structure.q_len * structure.kv_len < TMA_MIN_PAIRS:  # the common short call: no key to build
         return False
     key = _sm90_key(kernel, structure, *tensors)
@@ -255,7 +278,7 @@ def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple) 
     if _sm90_reason(key, kernel, structure, *tensors) is not None:
         return False
     try:
-        found = (_sm90_forward_launch if kernel == "forward" else _sm90_dkdv_launch)(structure, *tensors)
+        found = _SM90_LAUNCHES[kernel](structure, *tensors)
         found(values)  # the first call compiles
     except Exception as error:  # a Triton whose Gluon compiles differently: Triton's kernel instead
         _sm90_decided[key] = f"the sm_90 kernel failed to compile: {type(error).__name__}: {error}"
@@ -267,7 +290,7 @@ def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple) 
 
 
 def kernel_paths(structure: Structure, q, k, v) -> dict[str, str]:
-    """Which kernel runs each part of a call with these tensors (the backward's output gradient
+    """Which kernel runs each part of a call with these tensors (the output, its gradient and dQ
     taken as laid out like ``q``): ``"sm90-gluon"`` or ``"triton"``, with the reason where the
     sm_90 path does not apply."""
     def path(kernel: str, *more: torch.Tensor) -> str:
@@ -275,7 +298,7 @@ def kernel_paths(structure: Structure, q, k, v) -> dict[str, str]:
         return "sm90-gluon" if reason is None else f"triton ({reason})"
 
     forward = "triton-decode" if structure.decode else path("forward")  # decode: few rows of long reach
-    return {"forward": forward, "dq": "triton", "dkdv": path("dkdv", q)}
+    return {"forward": forward, "dq": path("dq", q, q, q), "dkdv": path("dkdv", q)}
 
 
 # -- launches -----------------------------------------------------------------------------------
@@ -402,7 +425,7 @@ def _key(name: str, structure: Structure, aligned: bool, q, k, v, *more: torch.T
     """What fixes a kernel's launch: everything but the tensors' data."""
     key = (name, structure.key, aligned, q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape,
            v.stride())
-    return key + tuple(x for t in more for x in (t.shape, t.stride())) if more else key
+    return key + tuple(x for t in more for x in (t.shape, t.stride(), t.dtype)) if more else key
 
 
 def _use_tma(kernel: str, structure: Structure, aligned: bool, *tensors: torch.Tensor) -> bool:
@@ -489,9 +512,12 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
                        "qk_scale", "scale"), config,
                       {"Q_desc": config.block_m, "dO_desc": config.block_m} if use_tma else {}, aligned)
 
-    key = _key("dq", structure, aligned, q, k, v, out, d_out, dq) + (dq.dtype, dq_sum is not None)
-    launch("dq", key, (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale),
-           build_dq, structure, q, v)  # first: it computes the row terms dK/dV reads
+    key = _key("dq", structure, aligned, q, k, v, out, d_out, dq) + (dq_sum is not None,)
+    # dQ first: it computes the row terms dK/dV reads
+    if not _run_sm90("dq", structure, (q, k, v, out, d_out, dq),
+                     (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale)):
+        launch("dq", key, (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale),
+               build_dq, structure, q, v)
     if _run_sm90("dkdv", structure, (q, k, v, d_out),
                  (q, d_out, k, v, dk, dv, lse2.view(-1), delta.view(-1), tables, qk_scale, scale)):
         return dq, dk, dv

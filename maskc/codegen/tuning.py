@@ -143,10 +143,18 @@ CANDIDATES = {
 SM90_FORWARD = {64: (128, 128, 3), 128: (128, 128, 2), 256: (128, 64, 2)}
 #: dK/dV: ``BLOCK_N`` keys a program, whose two consumer warpgroups hold dK and dV (64 keys x D
 #: each, float32) in registers over the whole query loop, and ``BLOCK_M`` queries a step. At D
-#: 128 steps of 64 queries spill (ptxas: 164 bytes; the step's S, dP, P and dS beside dK and
-#: dV exceed the 240 registers a thread gets) and measured 10-15% slower; steps of 32 do not
-#: spill. At D 256 dK and dV alone would not fit: the Triton kernel runs.
+#: 128 steps of 64 queries spill (ptxas: 372 bytes, and it serializes the ``wgmma``; the step's
+#: S, dP, P and dS beside dK and dV exceed the 240 registers a thread gets) and measured 10-15%
+#: slower; steps of 32 do not spill. At D 256 dK and dV alone would not fit: the Triton kernel
+#: runs.
 SM90_DKDV = {64: (64, 128, 2), 128: (32, 128, 3)}
+#: dQ: ``BLOCK_M`` rows a program (two consumer warpgroups of 64, dQ in registers as the forward
+#: holds O) and ``BLOCK_N`` keys a step. Beside dQ a step holds S, dP, P and dS: steps of 128
+#: keys spill at D 128 (the GPU machine's ptxas, CUDA 12.8: 712 bytes, and it serializes the
+#: ``wgmma``). At D 256 dQ alone takes 128 registers a thread, and Q and dO 128 KB of shared
+#: memory: steps of 64 keys would need 256 KB. Shared memory: Q and dO plus the K/V stages (D
+#: 128: 64 + 2 * 2 * 16 KB; D 256: 128 + 2 * 2 * 16 KB).
+SM90_DQ = {64: (128, 128, 2), 128: (128, 64, 2), 256: (128, 32, 2)}
 
 _tuned: dict[tuple, TileConfig] = {}
 
@@ -210,7 +218,8 @@ def tile_pairs(device: torch.device, bq: int, bk: int, short_rows: bool) -> tupl
     pairs = {("backward", c.block_n, c.block_m) if kernel == "dkdv" else ("forward", c.block_m, c.block_n)
              for kernel, c in configs}
     if device.type == "cuda":  # the sm_90 kernels' tiles, where the table blocks hold them
-        pairs |= {("forward", m, n) for m, n, _ in SM90_FORWARD.values() if bq % m == 0 and bk % n == 0}
+        pairs |= {("forward", m, n) for sm90 in (SM90_FORWARD, SM90_DQ) for m, n, _ in sm90.values()
+                  if bq % m == 0 and bk % n == 0}
         pairs |= {("backward", n, m) for m, n, _ in SM90_DKDV.values() if bq % m == 0 and bk % n == 0}
     return tuple(sorted(pairs))
 

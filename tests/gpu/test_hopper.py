@@ -1,8 +1,8 @@
 """The sm_90 Gluon kernels (``codegen/hopper.py``) against a float32 reference and the Triton kernels.
 
-The forward's output and LSE, and the gradients of a backward whose dK/dV runs the
-sm_90 kernel (head dims 64 and 128; dQ is Triton's), are compared with float32
-attention under the dense mask and with the same call on the Triton path.
+The forward's output and LSE, and the gradients of a backward whose dQ (head dims 64,
+128, 256) and dK/dV (64, 128) run the sm_90 kernels, are compared with float32 attention under
+the dense mask and with the same call on the Triton path.
 
 Skipped on GPUs other than sm_90. Problems here are small, so the size threshold
 that keeps small problems on the Triton path is lifted for these tests.
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 def small_problems_take_the_path(monkeypatch):
     monkeypatch.setattr(launch, "TMA_MIN_PAIRS", 0)
     monkeypatch.delenv("MASKC_GLUON", raising=False)
-    monkeypatch.setenv("MASKC_GLUON_BACKWARD", "1")  # the dK/dV kernel is opt-in
+    monkeypatch.setenv("MASKC_GLUON_BACKWARD", "1")  # the backward's kernels are opt-in
 
 
 def inputs(q_len, kv_len, heads, kv_heads, head_dim, dtype, seed=0):
@@ -66,13 +66,17 @@ def check(cm, q, k, v, monkeypatch):
 
 
 def check_backward(cm, q, k, v, monkeypatch):
-    """dQ, dK, dV with the sm_90 dK/dV kernel against float32 autograd and the Triton backward."""
+    """dQ, dK, dV with the sm_90 dQ and dK/dV kernels against float32 autograd and the Triton
+    backward."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    path = cm.kernel_paths(q, k, v)["dkdv"]
-    if q.shape[2] % 4:  # the rows' LSE and delta are copied with TMA, 16 bytes aligned
-        assert "multiple of 4" in path
+    paths = cm.kernel_paths(q, k, v)
+    assert paths["dq"] == "sm90-gluon"
+    if q.shape[-1] not in launch._hopper().DKDV_CONFIGS:
+        assert "head dims" in paths["dkdv"]
+    elif q.shape[2] % 4:  # the rows' LSE and delta are copied with TMA, 16 bytes aligned
+        assert "multiple of 4" in paths["dkdv"]
     else:
-        assert path == "sm90-gluon"
+        assert paths["dkdv"] == "sm90-gluon"
     out = cm(q, k, v)
     grad = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(1)).to(out.dtype)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -80,7 +84,7 @@ def check_backward(cm, q, k, v, monkeypatch):
     want = torch.autograd.grad(reference(cm, q, k, v)[0], (q, k, v), grad.float())
     with monkeypatch.context() as m:
         m.setenv("MASKC_GLUON", "0")
-        assert cm.kernel_paths(q, k, v)["dkdv"].startswith("triton")
+        assert all(path.startswith("triton") for path in cm.kernel_paths(q, k, v).values())
         triton_grads = torch.autograd.grad(cm(q, k, v), (q, k, v), grad)
     for name, a, b, c, d in zip(("dq", "dk", "dv"), got, again, want, triton_grads):
         assert torch.equal(a, b), name
@@ -92,7 +96,7 @@ def check_backward(cm, q, k, v, monkeypatch):
 
 def check_both(cm, q, k, v, monkeypatch):
     check(cm, q, k, v, monkeypatch)
-    if q.shape[-1] in launch._hopper().DKDV_CONFIGS:
+    if q.shape[-1] in launch._hopper().DQ_CONFIGS:
         check_backward(cm, q, k, v, monkeypatch)
 
 
@@ -115,11 +119,24 @@ CASES = {
 def test_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
     monkeypatch.setattr(launch._hopper(), "PINGPONG", pingpong)
     monkeypatch.setattr(launch._hopper(), "DKDV_PINGPONG", pingpong)
+    monkeypatch.setattr(launch._hopper(), "DQ_PINGPONG", pingpong)
     monkeypatch.setattr(launch, "_launches", {})
     mask, q_len, kv_len = CASES[name]
     cm = maskc.compile(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask(q_len)))
     q, k, v = inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16)
     check_both(cm, q, k, v, monkeypatch)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_schedules_without_overlap(head_dim, monkeypatch):
+    """The kernels with each product waited for at once (the schedule variants the benchmark
+    times) give the same results."""
+    for name in ("OVERLAP", "DQ_OVERLAP", "DKDV_OVERLAP"):
+        monkeypatch.setattr(launch._hopper(), name, False)
+    monkeypatch.setattr(launch, "_launches", {})
+    mask, q_len, kv_len = CASES["document-causal, cut short"]
+    cm = maskc.compile(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask(q_len)))
+    check_both(cm, *inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16), monkeypatch)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 1)])
@@ -142,12 +159,45 @@ def test_strided_inputs(monkeypatch):
     check_both(cm, q, k, v, monkeypatch)
 
 
-def test_the_dkdv_kernel_is_opt_in(monkeypatch):
+def test_the_backward_kernels_are_opt_in(monkeypatch):
     cm = maskc.compile(maskc.Spec(q_len=512, kv_len=512, mask=maskc.Causal()))
     q, k, v = inputs(512, 512, 2, 2, 128, torch.bfloat16)
     monkeypatch.delenv("MASKC_GLUON_BACKWARD")
-    assert "MASKC_GLUON_BACKWARD=1" in cm.kernel_paths(q, k, v)["dkdv"]
-    assert cm.kernel_paths(q, k, v)["forward"] == "sm90-gluon"
+    paths = cm.kernel_paths(q, k, v)
+    assert "MASKC_GLUON_BACKWARD=1" in paths["dq"] and "MASKC_GLUON_BACKWARD=1" in paths["dkdv"]
+    assert paths["forward"] == "sm90-gluon"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_dq_added_into_a_float32_sum(head_dim):
+    """Ring attention's backward: each tile's dQ added into one float32 ``dq_sum`` from the merged
+    ``out`` and ``lse``, here of two halves of the keys, equals the Triton kernel's sum; rows a
+    half's mask leaves empty keep what the sum holds."""
+    cm = maskc.compile(maskc.Spec(q_len=2000, kv_len=2000, mask=maskc.Documents(lengths=[1200, 800]) & maskc.Causal()))
+    halves = [maskc.compile(maskc.Spec(q_len=2000, kv_len=1000, mask=m)) for m in (
+        maskc.Documents(lengths=[1200, 800], kv_lengths=[1000, 0]) & maskc.Causal(),
+        maskc.Documents(lengths=[1200, 800], kv_lengths=[200, 800]) & maskc.Causal(offset=-1000))]
+    q, k, v = inputs(2000, 2000, 4, 2, head_dim, torch.bfloat16)
+    out, lse = cm(q, k, v, return_lse=True)
+    d_out = torch.randn_like(out)
+    sums = {}
+    for gluon in ("1", "0"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("MASKC_GLUON", gluon)
+            dq_sum = torch.zeros(q.shape, device="cuda")
+            for i, half in enumerate(halves):
+                keys = slice(1000 * i, 1000 * (i + 1))
+                assert (half.kernel_paths(q, k[:, :, keys], v[:, :, keys])["dq"] == "sm90-gluon") == (gluon == "1")
+                half.backward(q, k[:, :, keys], v[:, :, keys], out, lse, d_out, dq_sum=dq_sum)
+            sums[gluon] = dq_sum
+    want = cm.backward(q, k, v, out, lse, d_out)[0].float()
+    tol = 2e-2 * max(1.0, want.abs().max().item())
+    assert (sums["1"] - sums["0"]).abs().max() <= tol
+    assert (sums["1"] - want).abs().max() <= tol
+    held = torch.zeros(q.shape, device="cuda")
+    held[:, :, :896] = float("nan")  # rows 0-895 attend no key of the second half: not touched
+    halves[1].backward(q, k[:, :, 1000:], v[:, :, 1000:], out, lse, d_out, dq_sum=held)
+    assert held[:, :, :896].isnan().all() and not held[:, :, 896:].isnan().any()
 
 
 def test_what_falls_back_says_why():
@@ -158,7 +208,7 @@ def test_what_falls_back_says_why():
     causal = maskc.compile(maskc.Spec(q_len=512, kv_len=512, mask=maskc.Causal()))
     assert "head dims" in causal.kernel_paths(*inputs(512, 512, 2, 2, 96, torch.bfloat16))["forward"]
     wide = causal.kernel_paths(*inputs(512, 512, 2, 2, 256, torch.bfloat16))
-    assert wide["forward"] == "sm90-gluon" and "head dims" in wide["dkdv"]
+    assert wide["forward"] == wide["dq"] == "sm90-gluon" and "head dims" in wide["dkdv"]
     assert "float32" in causal.kernel_paths(*inputs(512, 512, 2, 2, 128, torch.float32))["forward"]
 
 
@@ -183,7 +233,7 @@ def test_cuda_graph_capture_and_replay(monkeypatch):
     inputs copied into the captured tensors, equal the eager call."""
     cm = maskc.compile(maskc.Spec(q_len=2048, kv_len=2048, mask=maskc.Documents(lengths=[1000, 1048]) & maskc.Causal()))
     q, k, v = (x.requires_grad_() for x in inputs(2048, 2048, 4, 2, 128, torch.bfloat16))
-    assert cm.kernel_paths(q, k, v)["forward"] == cm.kernel_paths(q, k, v)["dkdv"] == "sm90-gluon"
+    assert set(cm.kernel_paths(q, k, v).values()) == {"sm90-gluon"}
     grad = torch.randn_like(q)
 
     def step():
