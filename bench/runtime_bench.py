@@ -18,16 +18,21 @@ Batch 1, 16 heads, head dim 128, bf16, blocks of 128. Measured in one process:
 * 128K: forward and backward of causal and document-causal, with ``--before``
   also by the maskc of an earlier commit (a copy of its package renamed
   ``maskc_before``, its ops registered as ``maskc_before::``), same call.
+
+In the 8K and 128K sections, "maskc, sm90 backward" is the same mask with the
+opt-in sm_90 dQ and dK/dV kernels on (``MASKC_GLUON_BACKWARD=1``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -41,6 +46,7 @@ from results import add_command_run, gpu_machine  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
 SECTION = "## Call path: host time, short sequences, CUDA graphs (issue 14)"
+SM90_BACKWARD = "maskc, sm90 backward"  # maskc with MASKC_GLUON_BACKWARD=1 (``switches``)
 
 torch._dynamo.config.cache_size_limit = 64
 torch._functorch.config.donated_buffer = False  # the timing loops replay one backward graph
@@ -73,6 +79,17 @@ def tools(lengths, length: int, before=None) -> dict:
     if before is not None:
         found["maskc before"] = before.compile(before.Spec.model_validate(spec.model_dump()))
     return found
+
+
+def with_sm90_backward(found: dict) -> dict:
+    """``found`` and maskc with its opt-in sm_90 backward kernels (``switches``)."""
+    return {**found, SM90_BACKWARD: found["maskc"]}
+
+
+def switches(name: str):
+    """The environment a tool's calls run in: ``MASKC_GLUON_BACKWARD=1`` for ``SM90_BACKWARD``
+    (read at each call, forward and backward alike)."""
+    return mock.patch.dict(os.environ, {"MASKC_GLUON_BACKWARD": "1"} if name == SM90_BACKWARD else {})
 
 
 # -- host time ---------------------------------------------------------------------------------
@@ -183,20 +200,21 @@ def short_sequences(report: list, before) -> None:
     grad = torch.randn_like(q)
     for n_docs in (4, 8):
         lengths = document_lengths(length, n_docs, rng)
-        for name, attend in tools(lengths, length, before).items():
+        for name, attend in with_sm90_backward(tools(lengths, length, before)).items():
             def step():
                 out = attend(q, k, v)
                 torch.autograd.grad(out, (q, k, v), grad)
 
-            eager = median_ms(step)
-            fwd = median_ms(lambda: attend(q, k, v))
-            fresh = inputs(length, seed=1)  # leaves no eager step used: their grad accumulators are on no stream yet
-            try:
-                in_graph = median_ms(graphed(lambda: torch.autograd.grad(attend(*fresh), fresh, grad)))
-            except Exception as error:  # noqa: BLE001 - report a tool that cannot be captured
-                print(f"{name}: CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
-                traceback.print_exc()
-                in_graph = float("nan")
+            with switches(name):
+                eager = median_ms(step)
+                fwd = median_ms(lambda: attend(q, k, v))
+                fresh = inputs(length, seed=1)  # leaves no eager step used: their grad accumulators are on no stream
+                try:
+                    in_graph = median_ms(graphed(lambda: torch.autograd.grad(attend(*fresh), fresh, grad)))
+                except Exception as error:  # noqa: BLE001 - report a tool that cannot be captured
+                    print(f"{name}: CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
+                    traceback.print_exc()
+                    in_graph = float("nan")
             report.append((f"{n_docs} documents", name, fwd, eager, in_graph))
             print("8K", n_docs, name, f"fwd {fwd:.3f} step {eager:.3f} graph {in_graph:.3f} ms", flush=True)
 
@@ -213,10 +231,11 @@ def long_sequences(report: list, before) -> None:
             while sum(lengths) < length:
                 lengths.append(int(rng.integers(512, 4097)))
             lengths[-1] -= sum(lengths) - length
-        for name, attend in tools(lengths, length, before).items():
-            fwd = median_ms(lambda: attend(q, k, v))
-            out = attend(q, k, v)
-            bwd = median_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
+        for name, attend in with_sm90_backward(tools(lengths, length, before)).items():
+            with switches(name):
+                fwd = median_ms(lambda: attend(q, k, v))
+                out = attend(q, k, v)
+                bwd = median_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
             report.append((mask, name, fwd, bwd))
             print("128K", mask, name, f"fwd {fwd:.2f} bwd {bwd:.2f} ms", flush=True)
 
