@@ -9,7 +9,8 @@
 One H200 (or H100), one process. Checks first: the sm_90 forward of each
 schedule variant against maskc's Triton forward and a float32 reference on
 sampled rows, over masks of ragged lengths, GQA, head dims 64/128/256 and
-empty rows (small problems take the path here: the size threshold is lifted).
+empty rows (small problems take the path here: the size threshold is lifted);
+with ``--backward`` each variant's gradients against the Triton kernels' too.
 Then forward useful TFLOP/s (4 x head dim per allowed pair) of, per size and
 mask (batch 1, 16 heads, head dim 128, bf16): maskc's sm_90 forward and its
 variants, maskc's Triton forward, FlexAttention's Triton backend, its FLASH
@@ -59,6 +60,7 @@ VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgro
             "sm90 dK/dV one partition": {"DKDV_PINGPONG": False},
             "sm90 dK/dV no overlap": {"DKDV_OVERLAP": False},
             "sm90 dK/dV 2 stages": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (32, 128, 2)}},
+            "sm90 dK/dV 64-key programs": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (64, 64, 2)}},
             "sm90 Triton dQ": {"DQ_CONFIGS": {}},
             "sm90 dQ one partition": {"DQ_PINGPONG": False},
             "sm90 dQ no overlap": {"DQ_OVERLAP": False},
@@ -104,7 +106,7 @@ CHECKS = [  # name, mask, q_len, kv_len, dtype, head dim, heads, kv heads
 ]
 
 
-def check(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> list:
+def check(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads, backward: bool = False) -> list:
     spec = maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask)
     cm = maskc.compile(spec)
     torch.manual_seed(0)
@@ -115,32 +117,42 @@ def check(name, mask, q_len, kv_len, dtype, head_dim, heads, kv_heads) -> list:
     groups = heads // kv_heads
     want = rows_reference(spec, rows, q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
     scale = 1 / math.sqrt(gpu_bench.HEAD_DIM)  # the reference's scale, whatever the head dim
+    leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
+    grad = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEVICE, dtype=dtype)
+
+    def gradients() -> tuple:
+        return torch.autograd.grad(cm(*leaves, scale=scale), leaves, grad) if backward else ()
+
     with variant({}, gluon=False):
         triton_out, triton_lse = cm(q, k, v, return_lse=True, scale=scale)
+        triton_grads = gradients()
     found = []
     for label, settings in VARIANTS.items():
         with variant(settings):
-            path = cm.kernel_paths(q, k, v)["forward"]
+            path = "/".join(p.split(" ")[0] for p in cm.kernel_paths(q, k, v).values())  # forward/dq/dkdv
             out, lse = cm(q, k, v, return_lse=True, scale=scale)
+            grads = gradients()
             torch.cuda.synchronize()
-        nan = bool(out.isnan().any() or lse.isnan().any())
+        nan = bool(out.isnan().any() or lse.isnan().any() or any(g.isnan().any() for g in grads))
         same_empty = torch.equal(torch.isfinite(lse), torch.isfinite(triton_lse))
+        grad_error = max((max_error(a, b) for a, b in zip(grads, triton_grads)), default=math.nan)
         found.append((name, label, path, max_error(out[:, :, rows], want), max_error(out, triton_out),
-                      max_error(lse.nan_to_num(0, 0, 0), triton_lse.nan_to_num(0, 0, 0)), nan, same_empty))
+                      max_error(lse.nan_to_num(0, 0, 0), triton_lse.nan_to_num(0, 0, 0)), grad_error, nan,
+                      same_empty))
         print(*found[-1], flush=True)
     return found
 
 
-def checks() -> list:
+def checks(backward: bool) -> list:
     saved, launch.TMA_MIN_PAIRS = launch.TMA_MIN_PAIRS, 0
     try:
         found = []
         for case in CHECKS:
             try:
-                found += check(*case)
+                found += check(*case, backward=backward)
             except Exception as error:  # reported in the table; the other cases still run
                 print(f"{case[0]}: {type(error).__name__}: {error}", flush=True)
-                found.append((case[0], "-", f"failed: {type(error).__name__}: {error}"[:120], *[math.nan] * 3,
+                found.append((case[0], "-", f"failed: {type(error).__name__}: {error}"[:120], *[math.nan] * 4,
                               True, False))
         return found
     finally:
@@ -243,11 +255,12 @@ def speed(sizes, names, variants, backward: bool = False) -> list:
 def tables(check_rows, speed_rows) -> str:
     out = []
     if check_rows:
-        out += ["Checks: the sm_90 forward (each variant) on small problems; errors are the largest absolute "
-                "difference from a float32 reference on 64 sampled rows and from maskc's Triton forward.", "",
-                "| case | variant | path | vs float32 | vs Triton out | vs Triton LSE | NaN | same empty rows |",
-                "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {c[0]} | {c[1]} | {c[2]} | {c[3]:.1e} | {c[4]:.1e} | {c[5]:.1e} | {c[6]} | {c[7]} |"
+        out += ["Checks: the sm_90 kernels (each variant) on small problems; errors are the largest absolute "
+                "difference from a float32 reference on 64 sampled rows and from maskc's Triton kernels (gradients: "
+                "with --backward); paths: forward/dq/dkdv.", "",
+                "| case | variant | paths | vs float32 | vs Triton out | vs Triton LSE | grads vs Triton | NaN | "
+                "same empty rows |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {c[0]} | {c[1]} | {c[2]} | {c[3]:.1e} | {c[4]:.1e} | {c[5]:.1e} | {c[6]:.1e} | {c[7]} | {c[8]} |"
                 for c in check_rows]
     if speed_rows:
         by = {(r[0], r[1], r[2]): r for r in speed_rows}
@@ -289,7 +302,7 @@ def main() -> None:
     args = parser.parse_args()
     if torch.cuda.get_device_capability()[0] != 9:
         sys.exit("the sm_90 forward needs an sm_90 GPU (H100, H200)")
-    check_rows = checks() if "checks" not in args.skip else []
+    check_rows = checks(args.backward) if "checks" not in args.skip else []
     gpu_bench.HEAD_DIM, gpu_bench.HEADS = args.head_dim, args.heads
     speed_rows = speed(args.sizes, args.masks, args.variants, args.backward) if "speed" not in args.skip else []
     text = tables(check_rows, speed_rows)

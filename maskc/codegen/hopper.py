@@ -66,15 +66,15 @@ warp copies K and V once, then each step's Q, dO and the rows' LSE (base 2) and 
 dQ kernel (either) stores, one after another into ``STAGES`` buffers. Its consumers hold dK and
 dV in registers over the whole loop and, per step, compute ``S^T = K Q^T`` and ``dP^T = V dO^T``
 (keys down), ``P^T`` from the LSE (masked by the keys' spans on PARTIAL steps), ``dV += P^T dO``
-and ``dK += dS^T Q`` with P and dS as register operands; step ``i`` issues its two products, then
+and ``dK += dS^T Q`` with P and dS as register operands (at head dim 256 a program's 64 keys are
+shared by two warpgroups side by side, each holding half of dK and dV's columns); step ``i`` issues its two products, then
 step ``i - 1``'s ``dV`` and ``dK`` (``DKDV_OVERLAP``). No atomics: every key has one writer. Its
 first version measured slower than the Triton dK/dV kernel (bench/RESULTS.md), with its
 ``wgmma`` serialized; this one and the dQ kernel are not yet measured, hence opt-in.
 
 What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths`` say why not, and
 the Triton kernel runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64,
-128 or 256 (dK/dV: 64 or 128, and ``q_len`` a multiple of 4, for 16-byte aligned row-term
-copies), masks whose PARTIAL tiles test spans (no generated predicate, no bit
+128 or 256 (dK/dV: ``q_len`` a multiple of 4, for 16-byte aligned row-term copies), masks whose PARTIAL tiles test spans (no generated predicate, no bit
 patterns), table blocks that the tiles divide, tensors a TMA descriptor can describe, and problems
 of at least ``launch.TMA_MIN_PAIRS`` pairs (below that the host's descriptors cost more than the
 kernel saves). ``MASKC_GLUON=0`` turns it off.
@@ -103,8 +103,9 @@ DKDV_CONFIGS = tuning.SM90_DKDV
 DQ_CONFIGS = tuning.SM90_DQ
 
 #: The dK/dV kernel's schedule: step ``i``'s ``S^T`` and ``dP^T`` issued before step ``i - 1``'s
-#: ``dV`` and ``dK`` (``DKDV_OVERLAP``); a program's keys split over two consumer partitions of one
-#: warpgroup that take turns on the tensor cores (``DKDV_PINGPONG``). With the first schedule,
+#: ``dV`` and ``dK`` (``DKDV_OVERLAP``); a program's 128 keys split over two consumer partitions of
+#: one warpgroup that take turns on the tensor cores (``DKDV_PINGPONG``; programs of 64 keys, as
+#: at head dim 256, have one partition of two warpgroups side by side). With the first schedule,
 #: whose ``wgmma`` ptxas serialized, one partition of both warpgroups measured 12% faster
 #: (bench/RESULTS.md); both are to be measured again.
 DKDV_OVERLAP = True
@@ -204,12 +205,18 @@ def _program_steps(T, slot, block, n_blocks, pos, n, FORWARD: gl.constexpr, ONE_
 
 
 @gluon.constexpr_function
-def _mma_layouts(num_warps, cols, head_d):
-    """The register layouts of a consumer: ``wgmma`` results of ``cols`` columns (scores), of
-    ``head_d`` columns (accumulated over the loop), and the second's left operand (probabilities
-    or score gradients, from registers)."""
-    scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
-    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_d, 16])
+def _mma_layouts(num_warps, rows, cols, head_d):
+    """The register layouts of a consumer of ``num_warps`` warps over ``rows`` rows: ``wgmma``
+    results of ``cols`` columns (scores), of ``head_d`` columns (accumulated over the loop), and
+    the second's left operand (probabilities or score gradients, from registers). A warpgroup's
+    ``wgmma`` takes 64 rows: warpgroups beyond ``rows / 64`` sit side by side, each with its share
+    of the columns (and all of the left operand, which ``convert_layout`` then shares out)."""
+    down = min(num_warps, rows // 16)
+    across = num_warps // down
+    scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[down, across],
+                                       instr_shape=[16, cols // across, 16])
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[down, across],
+                                    instr_shape=[16, head_d // across, 16])
     return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
 
 
@@ -320,9 +327,9 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
                  num_warps: gl.constexpr):
     """The consumer partition: the online softmax over the program's steps, then O and LSE."""
-    s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[0]
-    o_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[1]
-    p_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[2]
+    s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[0]
+    o_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[1]
+    p_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[2]
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_smem.dtype
     q = q_smem.reshape([BLOCK_M, HEAD_D])  # BLOCK_M: this partition's rows
@@ -495,9 +502,9 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_r
     in flight from one iteration of the loop to the next (ptxas serializes ``wgmma`` otherwise).
     dQ (times ``scale``; with ``ADD_DQ`` added to what ``dQ`` holds, where the program has steps)
     is stored with the rows past the end left out."""
-    s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[0]
-    dq_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[1]
-    ds_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_N, HEAD_D)[2]
+    s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[0]
+    dq_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[1]
+    ds_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[2]
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_smem.dtype
     q = q_smem.reshape([BLOCK_M, HEAD_D])
@@ -700,9 +707,9 @@ def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar,
     issues its ``S^T`` and ``dP^T``, then step ``i - 1``'s ``dV`` and ``dK`` products, which run
     under step ``i``'s elementwise work; nothing is in flight from one iteration of the loop to
     the next (ptxas serializes ``wgmma`` otherwise)."""
-    st_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[0]
-    acc_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[1]
-    op_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, HEAD_D)[2]
+    st_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[0]
+    acc_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[1]
+    op_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[2]
     keys_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
     dtype: gl.constexpr = k_smem.dtype
     k = k_smem.reshape([ROWS, HEAD_D])

@@ -234,13 +234,16 @@ def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
 def _sm90_dkdv_launch(structure: Structure, q, k, v, d_out) -> Launch:
     hopper = _hopper()
     block_m, block_n, stages = hopper.DKDV_CONFIGS[q.shape[-1]]
-    rows = block_n // 2 if hopper.DKDV_PINGPONG else block_n  # a consumer partition's keys: one warp per 16
-    config = tuning.TileConfig(block_m, block_n, rows // 16, stages)
+    # two partitions of a warpgroup each, 64 keys apiece, or one of two warpgroups (side by side
+    # over the head dim where the program has 64 keys)
+    pingpong = hopper.DKDV_PINGPONG and block_n == 128
+    rows = block_n // 2 if pingpong else block_n  # a consumer partition's keys
+    config = tuning.TileConfig(block_m, block_n, 4 if pingpong else 8, stages)
     fixed = dict(n_heads=q.shape[1], n_kv_heads=k.shape[1], group=q.shape[1] // k.shape[1], q_len=structure.q_len,
                  kv_len=structure.kv_len, n_kv_blocks=structure.n_kv_blocks, ONE_LOOP=structure.one_loop,
                  TRIM=structure.trim("backward", block_n, block_m), N_MASK_HEADS=structure.n_mask_heads,
                  BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
-                 STAGES=stages, OVERLAP=hopper.DKDV_OVERLAP, PINGPONG=hopper.DKDV_PINGPONG, maxnreg=hopper.MAX_REGS)
+                 STAGES=stages, OVERLAP=hopper.DKDV_OVERLAP, PINGPONG=pingpong, maxnreg=hopper.MAX_REGS)
     grid = (structure.n_kv_blocks * (structure.block_kv // block_n), q.shape[0] * k.shape[1], 1)
     return Launch(hopper._attn_bwd_dkdv_sm90, grid, fixed,
                   ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc", "lse_desc", "delta_desc", "T",

@@ -145,9 +145,11 @@ SM90_FORWARD = {64: (128, 128, 3), 128: (128, 128, 2), 256: (128, 64, 2)}
 #: each, float32) in registers over the whole query loop, and ``BLOCK_M`` queries a step. At D
 #: 128 steps of 64 queries spill (ptxas: 372 bytes, and it serializes the ``wgmma``; the step's
 #: S, dP, P and dS beside dK and dV exceed the 240 registers a thread gets) and measured 10-15%
-#: slower; steps of 32 do not spill. At D 256 dK and dV alone would not fit: the Triton kernel
-#: runs.
-SM90_DKDV = {64: (64, 128, 2), 128: (32, 128, 3)}
+#: slower; steps of 32 do not spill. At D 256 a warpgroup could not hold dK and dV of 64 keys (256
+#: registers a thread): programs of 64 keys put the two warpgroups side by side, each with half
+#: of the head dim, and share P and dS through shared memory each step; steps of 32 queries
+#: spill 100 bytes of loop scalars there (steps of 64: 280).
+SM90_DKDV = {64: (64, 128, 2), 128: (32, 128, 3), 256: (32, 64, 2)}
 #: dQ: ``BLOCK_M`` rows a program (two consumer warpgroups of 64, dQ in registers as the forward
 #: holds O) and ``BLOCK_N`` keys a step. Beside dQ a step holds S, dP, P and dS: steps of 128
 #: keys spill at D 128 (the GPU machine's ptxas, CUDA 12.8: 712 bytes, and it serializes the

@@ -1,7 +1,7 @@
 """The sm_90 Gluon kernels (``codegen/hopper.py``) against a float32 reference and the Triton kernels.
 
-The forward's output and LSE, and the gradients of a backward whose dQ (head dims 64,
-128, 256) and dK/dV (64, 128) run the sm_90 kernels, are compared with float32 attention under
+The forward's output and LSE, and the gradients of a backward whose dQ and dK/dV run
+the sm_90 kernels, are compared with float32 attention under
 the dense mask and with the same call on the Triton path.
 
 Skipped on GPUs other than sm_90. Problems here are small, so the size threshold
@@ -71,9 +71,7 @@ def check_backward(cm, q, k, v, monkeypatch):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     paths = cm.kernel_paths(q, k, v)
     assert paths["dq"] == "sm90-gluon"
-    if q.shape[-1] not in launch._hopper().DKDV_CONFIGS:
-        assert "head dims" in paths["dkdv"]
-    elif q.shape[2] % 4:  # the rows' LSE and delta are copied with TMA, 16 bytes aligned
+    if q.shape[2] % 4:  # the rows' LSE and delta are copied with TMA, 16 bytes aligned
         assert "multiple of 4" in paths["dkdv"]
     else:
         assert paths["dkdv"] == "sm90-gluon"
@@ -208,7 +206,7 @@ def test_what_falls_back_says_why():
     causal = maskc.compile(maskc.Spec(q_len=512, kv_len=512, mask=maskc.Causal()))
     assert "head dims" in causal.kernel_paths(*inputs(512, 512, 2, 2, 96, torch.bfloat16))["forward"]
     wide = causal.kernel_paths(*inputs(512, 512, 2, 2, 256, torch.bfloat16))
-    assert wide["forward"] == wide["dq"] == "sm90-gluon" and "head dims" in wide["dkdv"]
+    assert set(wide.values()) == {"sm90-gluon"}
     assert "float32" in causal.kernel_paths(*inputs(512, 512, 2, 2, 128, torch.float32))["forward"]
 
 
