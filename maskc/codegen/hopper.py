@@ -133,6 +133,10 @@ OVERLAP = True
 #: Split a program's rows over two consumer partitions of one warpgroup each (FlashAttention-3's
 #: ping-pong): while one runs its softmax the other's products keep the tensor cores busy.
 PINGPONG = True
+#: Steps without a mask fold the scale into one FMA a score (``_softmax_step``), as
+#: FlashAttention-3 does: 64 fewer instructions a step and thread of the softmax at tiles of
+#: 128 x 128. Off until a GPU run measures it (bench/hopper_bench.py, "sm90 FMA softmax").
+FMA_SOFTMAX = False
 
 
 # Triton 3.9 renamed the TMA copies (the old names raise there); 3.6 has only the old ones.
@@ -221,15 +225,22 @@ def _mma_layouts(num_warps, rows, cols, head_d):
 
 
 @gluon.jit
-def _mask_step(x, fill, i, n_full, start, lo, hi, whole_lo, whole_hi, ONE_LOOP: gl.constexpr, STEP: gl.constexpr,
-               layout: gl.constexpr):
-    """``x`` (rows down, the step's ``STEP`` positions from ``start`` across) with ``fill`` where a
-    position lies outside its row's span ``[lo, hi)``, on the steps that need a mask: PARTIAL ones
-    (``i >= n_full``), or with ``ONE_LOOP`` those the spans do not all cover whole."""
+def _step_masked(i, n_full, start, whole_lo, whole_hi, ONE_LOOP: gl.constexpr, STEP: gl.constexpr):
+    """Whether step ``i`` (``STEP`` positions from ``start``) needs a mask: a PARTIAL one
+    (``i >= n_full``), or with ``ONE_LOOP`` one that the spans do not all cover whole."""
     masked = i >= n_full
     if ONE_LOOP:
         masked = not kernels._whole(start, STEP, whole_lo, whole_hi)
-    if masked:
+    return masked
+
+
+@gluon.jit
+def _mask_step(x, fill, i, n_full, start, lo, hi, whole_lo, whole_hi, ONE_LOOP: gl.constexpr, STEP: gl.constexpr,
+               layout: gl.constexpr):
+    """``x`` (rows down, the step's ``STEP`` positions from ``start`` across) with ``fill`` where a
+    position lies outside its row's span ``[lo, hi)``, on the steps that need a mask
+    (``_step_masked``)."""
+    if _step_masked(i, n_full, start, whole_lo, whole_hi, ONE_LOOP, STEP):
         across = start + gl.arange(0, STEP, gl.SliceLayout(0, layout))
         x = gl.where(kernels._inside(across[None, :], lo[:, None], hi[:, None]), x, fill)
     return x
@@ -306,16 +317,23 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi, qk_scale,
-                  ONE_LOOP: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+                  ONE_LOOP: gl.constexpr, BLOCK_N: gl.constexpr, FMA: gl.constexpr, s_layout: gl.constexpr):
     """One online-softmax step of scores ``s``: masked by the rows' spans in PARTIAL steps (with
     ``ONE_LOOP``, in steps the spans do not cover); returns ``p``, the new maximum, the new row
     sums and the factor that rescales what was accumulated. A row with nothing allowed so far
-    keeps ``m = -inf`` and exponentiates against 0."""
-    t = _mask_step(s * qk_scale, float("-inf"), i, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi, ONE_LOOP,
-                   BLOCK_N, s_layout)
-    m_new = gl.maximum(m_i, gl.max(t, 1))
-    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(t - m_ref[:, None])
+    keeps ``m = -inf`` and exponentiates against 0. With ``FMA`` a step without a mask takes
+    the maximum of the raw scores and scales it (``qk_scale >= 0``), and ``p = exp2(s *
+    qk_scale - m)`` is one FMA a score instead of a multiply and a subtraction."""
+    if FMA and not _step_masked(i, n_full, start_n, whole_lo, whole_hi, ONE_LOOP, BLOCK_N):
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)  # finite: every score of the step is allowed
+        m_ref = m_new
+        p = gl.exp2(s * qk_scale - m_ref[:, None])
+    else:
+        t = _mask_step(s * qk_scale, float("-inf"), i, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi,
+                       ONE_LOOP, BLOCK_N, s_layout)
+        m_new = gl.maximum(m_i, gl.max(t, 1))
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(t - m_ref[:, None])
     alpha = gl.exp2(m_i - m_ref)
     return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
@@ -325,7 +343,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                  start_m, q_len, span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first,
                  part_end, n_steps, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 FMA: gl.constexpr, num_warps: gl.constexpr):
     """The consumer partition: the online softmax over the program's steps, then O and LSE."""
     s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[0]
     o_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[1]
@@ -351,7 +369,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
         mbarrier.arrive(k_empty.index(0), count=1)
         start_n = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
         p, m_i, l_i, _ = _softmax_step(s, m_i, l_i, 0, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi,
-                                       qk_scale, ONE_LOOP, BLOCK_N, s_layout)
+                                       qk_scale, ONE_LOOP, BLOCK_N, FMA, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for i in range(1, n_steps):
             stage = i % STAGES
@@ -367,7 +385,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                 s = warpgroup_mma_wait(1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(stage), count=1)
                 p, m_i, l_i, alpha_i = _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo,
-                                                     whole_hi, qk_scale, ONE_LOOP, BLOCK_N, s_layout)
+                                                     whole_hi, qk_scale, ONE_LOOP, BLOCK_N, FMA, s_layout)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
             else:  # O += P_{i-1} V_{i-1}, then S_i, each waited for
                 mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
@@ -375,7 +393,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                 s = warpgroup_mma(q, k, s_zero, use_acc=False)
                 mbarrier.arrive(k_empty.index(stage), count=1)
                 p, m_i, l_i, alpha_i = _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo,
-                                                     whole_hi, qk_scale, ONE_LOOP, BLOCK_N, s_layout)
+                                                     whole_hi, qk_scale, ONE_LOOP, BLOCK_N, FMA, s_layout)
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.convert_layout(alpha_i, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -399,7 +417,8 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len, kv_len, n_q_blocks, qk_scale,
                    ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr,
                    BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                   STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                   STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, FMA: gl.constexpr,
+                   num_warps: gl.constexpr):
     (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, row_lo,
      row_hi) = _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M,
                                     BLOCK_N)
@@ -416,11 +435,11 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
             (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                             b, h, bh, start_m, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx,
                             part_first, part_end, n_steps, qk_scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES,
-                            OVERLAP, ROWS // 16)),
+                            OVERLAP, FMA, ROWS // 16)),
             (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                             b, h, bh, start_m + ROWS, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx,
                             part_first, part_end, n_steps, qk_scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES,
-                            OVERLAP, ROWS // 16)),
+                            OVERLAP, FMA, ROWS // 16)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          b, h, h // group, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end,
                          n_steps, BK, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place
@@ -430,7 +449,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
             (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                             b, h, bh, start_m, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx,
                             part_first, part_end, n_steps, qk_scale, ONE_LOOP, BK, BLOCK_M, BLOCK_N, HEAD_D, STAGES,
-                            OVERLAP, num_warps)),
+                            OVERLAP, FMA, num_warps)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          b, h, h // group, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end,
                          n_steps, BK, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place

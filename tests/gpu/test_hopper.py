@@ -125,14 +125,19 @@ def test_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
     check_both(cm, q, k, v, monkeypatch)
 
 
+#: The schedule variants the benchmark times (``hopper.py`` settings), which must give the same results.
+SCHEDULES = {"no overlap": {"OVERLAP": False, "DQ_OVERLAP": False, "DKDV_OVERLAP": False},
+             "FMA softmax": {"FMA_SOFTMAX": True}}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("case", ["causal, long rows", "document-causal, cut short"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_schedules_without_overlap(head_dim, monkeypatch):
-    """The kernels with each product waited for at once (the schedule variants the benchmark
-    times) give the same results."""
-    for name in ("OVERLAP", "DQ_OVERLAP", "DKDV_OVERLAP"):
-        monkeypatch.setattr(launch._hopper(), name, False)
+def test_schedule_variants(schedule, case, head_dim, monkeypatch):
+    for name, value in SCHEDULES[schedule].items():
+        monkeypatch.setattr(launch._hopper(), name, value)
     monkeypatch.setattr(launch, "_launches", {})
-    mask, q_len, kv_len = CASES["document-causal, cut short"]
+    mask, q_len, kv_len = CASES[case]
     cm = maskc.compile(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask(q_len)))
     check_both(cm, *inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16), monkeypatch)
 
