@@ -99,7 +99,8 @@ def kernels_line(cm: CompiledMask) -> str:
         return (f"kernels: PARTIAL tiles test per-row spans; the forward runs Triton (the sm_90 Gluon kernel "
                 f"needs a block_size of multiples of 128, not {cm.block_size})")
     return ("kernels: PARTIAL tiles test per-row spans; on sm_90 GPUs the forward runs the Gluon kernel "
-            "(fp16/bf16, head dims 64/128/256, 16M pairs or more), elsewhere Triton")
+            "(fp16/bf16, head dims 64/128/256, 16M pairs or more), and the backward too with "
+            "MASKC_GLUON_BACKWARD=1; elsewhere Triton")
 
 
 def render_png(cm: CompiledMask, path, head: int = 0, max_size: int = 1024) -> None:
