@@ -137,6 +137,10 @@ PINGPONG = True
 #: FlashAttention-3 does: 64 fewer instructions a step and thread of the softmax at tiles of
 #: 128 x 128. Off until a GPU run measures it (bench/hopper_bench.py, "sm90 FMA softmax").
 FMA_SOFTMAX = False
+#: With ``PINGPONG`` and ``OVERLAP``, the two partitions issue each step's products in turns
+#: (``_fwd_consume``), as FlashAttention-3 orders its warpgroups; without, the warp schedulers
+#: interleave them as they come. Off until a GPU run measures it ("sm90 turns").
+TURNS = False
 
 
 # Triton 3.9 renamed the TMA copies (the old names raise there); 3.6 has only the old ones.
@@ -343,8 +347,12 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                  start_m, q_len, span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first,
                  part_end, n_steps, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                 FMA: gl.constexpr, num_warps: gl.constexpr):
-    """The consumer partition: the online softmax over the program's steps, then O and LSE."""
+                 FMA: gl.constexpr, turns, ME: gl.constexpr, TURNS: gl.constexpr, num_warps: gl.constexpr):
+    """The consumer partition: the online softmax over the program's steps, then O and LSE. With
+    ``TURNS`` (and ``OVERLAP``) the partitions issue each step's products in turns: partition
+    ``ME`` waits for its barrier of ``turns`` before issuing and then completes the other's, so
+    that one's softmax runs while the other's products run (FlashAttention-3's warp-scheduler
+    barriers)."""
     s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[0]
     o_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[1]
     p_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[2]
@@ -379,9 +387,13 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
             v = v_smem.index(prev).reshape([BLOCK_N, HEAD_D])
             start_n = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
             if OVERLAP:  # S_i, then O += P_{i-1} V_{i-1}; softmax_i runs while the second does
+                if TURNS:  # the first partition's first wait passes: a barrier starts as if a phase had completed
+                    mbarrier.wait(turns.index(ME), ((i - 1) & 1) ^ (ME ^ 1))
                 s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v, acc, is_async=True)
+                if TURNS:
+                    mbarrier.arrive(turns.index(ME ^ 1), count=1)
                 s = warpgroup_mma_wait(1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(stage), count=1)
                 p, m_i, l_i, alpha_i = _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo,
@@ -418,7 +430,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
                    ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr,
                    BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                    STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, FMA: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   TURNS: gl.constexpr, num_warps: gl.constexpr):
     (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, row_lo,
      row_hi) = _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M,
                                     BLOCK_N)
@@ -430,16 +442,17 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
     q_smem = gl.allocate_shared_memory(dtype, [HALVES] + q_desc.block_type.shape, q_desc.layout)
     q_bar = _barriers(1, 1).index(0)
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, STAGES, HALVES)
+    turns = _barriers(2, 1)  # with TURNS: each partition's turn to issue its products
     if PINGPONG:  # two warpgroups of 64 rows on the same K/V: one's softmax runs beside the other's products
         gl.warp_specialize([
             (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                             b, h, bh, start_m, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx,
                             part_first, part_end, n_steps, qk_scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES,
-                            OVERLAP, FMA, ROWS // 16)),
+                            OVERLAP, FMA, turns, 0, TURNS, ROWS // 16)),
             (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                             b, h, bh, start_m + ROWS, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx,
                             part_first, part_end, n_steps, qk_scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES,
-                            OVERLAP, FMA, ROWS // 16)),
+                            OVERLAP, FMA, turns, 1, TURNS, ROWS // 16)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          b, h, h // group, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end,
                          n_steps, BK, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place
@@ -449,7 +462,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
             (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                             b, h, bh, start_m, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx,
                             part_first, part_end, n_steps, qk_scale, ONE_LOOP, BK, BLOCK_M, BLOCK_N, HEAD_D, STAGES,
-                            OVERLAP, FMA, num_warps)),
+                            OVERLAP, FMA, turns, 0, False, num_warps)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          b, h, h // group, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end,
                          n_steps, BK, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place

@@ -206,7 +206,7 @@ def _sm90_forward_launch(structure: Structure, q, k, v) -> Launch:
                  TRIM=structure.trim("forward", block_m, block_n), N_MASK_HEADS=structure.n_mask_heads,
                  BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
                  STAGES=stages, OVERLAP=hopper.OVERLAP, PINGPONG=hopper.PINGPONG, FMA=hopper.FMA_SOFTMAX,
-                 maxnreg=hopper.MAX_REGS)
+                 TURNS=hopper.TURNS, maxnreg=hopper.MAX_REGS)
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
     return Launch(hopper._attn_fwd_sm90, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"),
                   config, {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)

@@ -127,7 +127,7 @@ def test_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
 
 #: The schedule variants the benchmark times (``hopper.py`` settings), which must give the same results.
 SCHEDULES = {"no overlap": {"OVERLAP": False, "DQ_OVERLAP": False, "DKDV_OVERLAP": False},
-             "FMA softmax": {"FMA_SOFTMAX": True}}
+             "FMA softmax": {"FMA_SOFTMAX": True}, "turns": {"TURNS": True}}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
