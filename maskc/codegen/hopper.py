@@ -229,6 +229,14 @@ def _mma_layouts(num_warps, rows, cols, head_d):
 
 
 @gluon.jit
+def _spans(lo_ptr, hi_ptr, pos, n):
+    """The spans ``[lo, hi)`` of positions ``pos`` (empty past ``n``), and the largest start and
+    the smallest end among them: a step inside those lies in every span (``_step_masked``)."""
+    lo, hi = kernels._spans_of(lo_ptr, hi_ptr, pos, n, True)
+    return lo, hi, gl.max(lo, 0), gl.min(hi, 0)
+
+
+@gluon.jit
 def _step_masked(i, n_full, start, whole_lo, whole_hi, ONE_LOOP: gl.constexpr, STEP: gl.constexpr):
     """Whether step ``i`` (``STEP`` positions from ``start``) needs a mask: a PARTIAL one
     (``i >= n_full``), or with ``ONE_LOOP`` one that the spans do not all cover whole."""
@@ -362,9 +370,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
 
     rows = start_m + gl.arange(0, BLOCK_M, rows_layout)
     in_rows = rows < q_len
-    row_lo, row_hi = kernels._spans_of(span_lo_ptr, span_hi_ptr, rows, q_len, True)
-    whole_lo = gl.max(row_lo, 0)  # ONE_LOOP: a step inside every row's span needs no mask
-    whole_hi = gl.min(row_hi, 0)
+    row_lo, row_hi, whole_lo, whole_hi = _spans(span_lo_ptr, span_hi_ptr, rows, q_len)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_layout)
     l_i = gl.zeros([BLOCK_M], gl.float32, rows_layout)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
@@ -543,9 +549,7 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_r
     do = do_smem.reshape([BLOCK_M, HEAD_D])
 
     rows = start_m + gl.arange(0, BLOCK_M, rows_layout)
-    lo, hi = kernels._spans_of(row_lo, row_hi, rows, q_len, True)
-    whole_lo = gl.max(lo, 0)  # ONE_LOOP: a step inside every row's span needs no mask
-    whole_hi = gl.min(hi, 0)
+    lo, hi, whole_lo, whole_hi = _spans(row_lo, row_hi, rows, q_len)
     dq = gl.zeros([BLOCK_M, HEAD_D], gl.float32, dq_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if program_m < q_len:
@@ -761,10 +765,8 @@ def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar,
             full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
                 T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
             spans_at = slot.to(gl.int64) * kv_len
-            col_lo, col_hi = kernels._spans_of(kernels._section(T, kernels.COL_LO) + spans_at,
-                                               kernels._section(T, kernels.COL_HI) + spans_at, keys, kv_len, True)
-            whole_lo = gl.max(col_lo, 0)  # ONE_LOOP: a step inside every key's span needs no mask
-            whole_hi = gl.min(col_hi, 0)
+            col_lo, col_hi, whole_lo, whole_hi = _spans(kernels._section(T, kernels.COL_LO) + spans_at,
+                                                        kernels._section(T, kernels.COL_HI) + spans_at, keys, kv_len)
             n_steps = n_full + part_end - part_first
             if n_steps > 0:
                 s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M, HEAD_D, STAGES)
