@@ -219,8 +219,8 @@ def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
     config = tuning.TileConfig(block_m, block_n, rows // 16, stages)
     fixed = dict(**_strides("o", out), **_strides("dq", dq), n_heads=q.shape[1], group=q.shape[1] // k.shape[1],
                  q_len=structure.q_len, kv_len=structure.kv_len, n_q_blocks=structure.n_q_blocks,
-                 ONE_LOOP=structure.one_loop,
-                 TRIM=structure.trim("forward", block_m, block_n), N_MASK_HEADS=structure.n_mask_heads,
+                 ONE_LOOP=structure.one_loop, TRIM=structure.trim("forward", block_m, block_n),
+                 N_MASK_HEADS=structure.n_mask_heads,
                  BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
                  STAGES=stages, OVERLAP=hopper.DQ_OVERLAP, PINGPONG=hopper.DQ_PINGPONG,
                  ADD_DQ=dq.dtype == torch.float32,  # ``backward``'s dq_sum: inputs here are 16-bit

@@ -1,8 +1,8 @@
 """The sm_90 Gluon kernels (``codegen/hopper.py``) against a float32 reference and the Triton kernels.
 
 The forward's output and LSE, and the gradients of a backward whose dQ and dK/dV run
-the sm_90 kernels, are compared with float32 attention under
-the dense mask and with the same call on the Triton path.
+the sm_90 kernels, are compared with float32 attention under the dense mask and with
+the same call on the Triton path.
 
 Skipped on GPUs other than sm_90. Problems here are small, so the size threshold
 that keeps small problems on the Triton path is lifted for these tests.
