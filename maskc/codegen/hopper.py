@@ -15,8 +15,8 @@ them itself, as FlashAttention-3 does:
 * two **consumer partitions** of one warpgroup each take half the rows
   (``PINGPONG``): they read the same K/V buffers (an *empty* barrier waits for
   both), and while one runs its softmax the other's products keep the tensor
-  cores busy (no barrier orders their turns: the warp schedulers interleave
-  them). Each also overlaps its own work: it issues step ``j``'s ``S = Q K^T``,
+  cores busy (by default no barrier orders their turns: the warp schedulers
+  interleave them; ``TURNS`` orders them). Each also overlaps its own work: it issues step ``j``'s ``S = Q K^T``,
   then step ``j - 1``'s ``O += P V``, waits for the first only (``wgmma``
   completes in order) and runs step ``j``'s softmax while ``P V`` is still on
   the tensor cores (``OVERLAP``; without it each product is waited for at
