@@ -62,6 +62,7 @@ VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgro
             "sm90 dK/dV no overlap": {"DKDV_OVERLAP": False},
             "sm90 dK/dV 2 stages": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (32, 128, 2)}},
             "sm90 dK/dV 64-key programs": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (64, 64, 2)}},
+            "sm90 dK/dV 64-query steps at D 256": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 256: (64, 64, 2)}},
             "sm90 Triton dQ": {"DQ_CONFIGS": {}},
             "sm90 dQ one partition": {"DQ_PINGPONG": False},
             "sm90 dQ no overlap": {"DQ_OVERLAP": False},
