@@ -54,7 +54,7 @@ SIZES = (32768, 131072)
 MASK_NAMES = ("causal", "doc-causal", "window-1024")
 
 #: maskc's sm_90 schedule variants: module attributes of ``hopper.py`` set for the variant (tiles
-#: that spill, as ``tuning.py`` lists, are left out: ptxas serializes their ``wgmma``)
+#: whose ``wgmma`` ptxas serializes, as ``tuning.py`` lists, are left out)
 VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgroup": {"PINGPONG": False},
             "sm90 3 stages": {"CONFIGS": {**hopper.CONFIGS, 128: (128, 128, 3)}},
             "sm90 FMA softmax": {"FMA_SOFTMAX": True}, "sm90 turns": {"TURNS": True},
