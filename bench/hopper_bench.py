@@ -33,6 +33,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -73,25 +74,16 @@ VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgro
 def variant(settings: dict, gluon: bool = True):
     """maskc with ``hopper.py`` settings changed and its sm_90 kernels on, the opt-in backward ones
     too (``gluon=False``: the Triton kernels)."""
-    saved = {name: getattr(hopper, name) for name in settings}
-    env = os.environ.get("MASKC_GLUON"), os.environ.get("MASKC_GLUON_BACKWARD")
-    os.environ["MASKC_GLUON"] = os.environ["MASKC_GLUON_BACKWARD"] = "1" if gluon else "0"
-    for name, value in settings.items():
-        setattr(hopper, name, value)
-    launch._launches.clear()
-    launch._sm90_decided.clear()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(hopper, name, value)
-        for name, value in zip(("MASKC_GLUON", "MASKC_GLUON_BACKWARD"), env):
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    switch = "1" if gluon else "0"
+    with mock.patch.dict(os.environ, {"MASKC_GLUON": switch, "MASKC_GLUON_BACKWARD": switch}), \
+            mock.patch.multiple(hopper, **settings) if settings else contextlib.nullcontext():
         launch._launches.clear()
         launch._sm90_decided.clear()
+        try:
+            yield
+        finally:
+            launch._launches.clear()
+            launch._sm90_decided.clear()
 
 
 # -- checks ------------------------------------------------------------------------------------
