@@ -16,6 +16,8 @@ import pytest
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 SCRIPT = textwrap.dedent("""
+    from unittest import mock
+
     import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
@@ -43,8 +45,11 @@ SCRIPT = textwrap.dedent("""
         q = torch.empty(1, heads, n, head_dim, dtype=torch.bfloat16)
         k = torch.empty(1, kv_heads, n, head_dim, dtype=torch.bfloat16)
         lse = torch.empty(1, heads, n)
-        builds = [(launch._sm90_forward_launch(plan.structure, q, k, k),
-                   (q, k, k, torch.empty_like(q), lse, plan.tables, 0.1))]
+        forward = (q, k, k, torch.empty_like(q), lse, plan.tables, 0.1)
+        builds = [(launch._sm90_forward_launch(plan.structure, q, k, k), forward)]
+        with mock.patch.object(launch._hopper(), "PERSISTENT", True), \
+                mock.patch.object(launch, "multiprocessors", lambda device: 132):  # an H100's, H200's
+            builds.append((launch._sm90_forward_launch(plan.structure, q, k, k), forward))
         if head_dim in launch._hopper().DQ_CONFIGS:  # dQ into a 16-bit tensor, and into ring attention's float32 sum
             for dq in (torch.empty_like(q), torch.empty(q.shape)):
                 builds.append((launch._sm90_dq_launch(plan.structure, q, k, k, q, q, dq),
@@ -72,8 +77,8 @@ def test_the_sm90_kernels_compile_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     serialized = [line for line in (done.stdout + done.stderr).splitlines() if "serialized" in line]
     assert not serialized, serialized
-    # three forwards, three dQ, each into 16 bits and into float32, three dK/dV
-    assert done.stdout.count("compiled") == 12, done.stdout
+    # three forwards, each also persistent, three dQ, each into 16 bits and into float32, three dK/dV
+    assert done.stdout.count("compiled") == 15, done.stdout
 
 
 def test_kernel_paths_name_the_kernels_and_why_not_the_fast_path():

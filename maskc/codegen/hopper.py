@@ -43,6 +43,15 @@ as zero (the copy engine fills them), rows past the end are not stored (the
 copy engine clips the output), and a row with nothing allowed gets output 0
 and LSE ``-inf``, never NaN.
 
+A program of few steps (a window, short documents) spends a good part of its time where
+nothing overlaps: before its first product its warps read its lists from the tables (a chain of
+dependent loads), then wait for Q and the first K; after its last, it writes O. The persistent
+forward (``_attn_fwd_sm90_persistent``, ``PERSISTENT``, off until a GPU run measures it) runs a
+program per multiprocessor that takes these programs' tiles in rounds: its load warp reads the
+next tile's lists and copies its Q into a second buffer (where shared memory has room for one:
+head dims 64 and 128) while the consumers still work on the tile before, and hands them the
+tile in a record in shared memory; the K/V ring runs on from tile to tile.
+
 The dQ kernel (``_attn_bwd_dq_sm90``, opt-in with dK/dV: ``MASKC_GLUON_BACKWARD=1``) walks the
 forward's lists with the forward's schedule: its load warp copies the rows' Q and dO once, then
 K and V per step; each consumer first reads its rows of O and stores its rows' LSE in base 2
@@ -137,6 +146,10 @@ PINGPONG = True
 #: FlashAttention-3 does: 64 fewer instructions a step and thread of the softmax at tiles of
 #: 128 x 128. Off until a GPU run measures it (bench/hopper_bench.py, "sm90 FMA softmax").
 FMA_SOFTMAX = False
+#: Run the forward as a persistent kernel (``_attn_fwd_sm90_persistent``): a program per
+#: multiprocessor, whose load warp reads the next tile's lists and copies its Q while the
+#: consumers finish the tile before. Off until a GPU run measures it ("sm90 persistent").
+PERSISTENT = False
 #: With ``PINGPONG`` and ``OVERLAP``, the two partitions issue each step's products in turns
 #: (``_fwd_consume``), as FlashAttention-3 orders its warpgroups; without, the warp schedulers
 #: interleave them as they come. Off until a GPU run measures it ("sm90 turns").
@@ -146,6 +159,8 @@ TURNS = False
 # Triton 3.9 renamed the TMA copies (the old names raise there); 3.6 has only the old ones.
 _tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
 _tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
+# and the barrier of a partition's threads (3.6 has only ``thread_barrier``)
+_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
@@ -260,14 +275,15 @@ def _mask_step(x, fill, i, n_full, start, lo, hi, whole_lo, whole_hi, ONE_LOOP: 
 
 @gluon.jit
 def _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
-             n_full, part_idx, part_first, part_end, n_steps, BK: gl.constexpr, BLOCK_N: gl.constexpr,
+             n_full, part_idx, part_first, part_end, n_steps, base, BK: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr):
     """A load partition's loop over a query program's steps (forward, dQ): the step's K and V,
-    each into a ring of ``STAGES`` buffers once the consumers have released it."""
+    each into a ring of ``STAGES`` buffers once the consumers have released it. ``base``: the
+    steps the ring took before this program's (earlier tiles of a persistent program)."""
     for i in range(n_steps):
         start_n = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
-        stage = i % STAGES
-        phase = (i // STAGES) & 1
+        stage = (base + i) % STAGES
+        phase = ((base + i) // STAGES) & 1
         mbarrier.wait(k_empty.index(stage), phase ^ 1)  # barriers start as if a phase had completed
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
         _tma_load(k_desc, [b, kv_head, start_n, 0], k_ready.index(stage), k_smem.index(stage))
@@ -277,26 +293,30 @@ def _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
 
 
 @gluon.jit
-def _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr,
+def _query_program_steps(T, task, bh, n_heads, q_len, n_q_blocks, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr,
                          N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr):
-    """What a forward or dQ program starts from: its batch and head (``bh``, ``b``, ``h``), its
-    first row, its steps (``_program_steps``; none where it starts past the end) and its slot's
-    row spans."""
+    """What forward or dQ program ``task`` of batch and head ``bh`` starts from: its batch and head
+    (``b``, ``h``), first row, slot and steps (``_program_steps``; none where it starts past the
+    end)."""
     gl.static_assert(BQ % BLOCK_M == 0, "a program's rows must lie in one table query block")
     gl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
-    bh = gl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
-    slot, qb, start_m = kernels._query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
+    slot, qb, start_m = kernels._query_program(T, h, task, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
     full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
         T, slot, qb, n_q_blocks, start_m, q_len, True, ONE_LOOP, TRIM, BK, BLOCK_N, BLOCK_M)
     n_steps = n_full + part_end - part_first
     if start_m >= q_len:
         n_steps = 0
+    return b, h, start_m, slot, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps
+
+
+@gluon.jit
+def _row_spans(T, slot, q_len):
+    """Where the row spans of ``slot`` start: the lows and the highs."""
     spans_at = slot.to(gl.int64) * q_len
-    return (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps,
-            kernels._section(T, kernels.ROW_LO) + spans_at, kernels._section(T, kernels.ROW_HI) + spans_at)
+    return kernels._section(T, kernels.ROW_LO) + spans_at, kernels._section(T, kernels.ROW_HI) + spans_at
 
 
 @gluon.jit
@@ -312,19 +332,28 @@ def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
 
 # -- forward --------------------------------------------------------------------------------
 @gluon.jit
+def _q_load(q_desc, q_smem, q_bar, first, b, h, start_m, n_steps, HALVES: gl.constexpr):
+    """A program's Q into buffers ``first`` to ``first + HALVES`` of ``q_smem`` (one per consumer
+    partition), completing ``q_bar``; a program with no step copies nothing and only completes
+    it (its consumers write zeros, through Q's buffer)."""
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    if n_steps > 0:
+        mbarrier.expect(q_bar, HALVES * q_desc.block_type.nbytes)
+        for half in gl.static_range(HALVES):
+            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], q_bar, q_smem.index(first + half))
+    else:
+        mbarrier.arrive(q_bar, count=1)
+
+
+@gluon.jit
 def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, b, h,
               kv_head, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps,
               BK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The load partition: Q (one buffer per consumer partition), then K and V
     of every step, ``STAGES`` buffers ahead."""
-    HALVES: gl.constexpr = q_smem.shape[0]
-    ROWS: gl.constexpr = q_desc.block_type.shape[2]
-    if n_steps > 0:
-        mbarrier.expect(q_bar, HALVES * q_desc.block_type.nbytes)
-        for half in gl.static_range(HALVES):
-            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], q_bar, q_smem.index(half))
+    _q_load(q_desc, q_smem, q_bar, 0, b, h, start_m, n_steps, q_smem.shape[0])
     _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
-             n_full, part_idx, part_first, part_end, n_steps, BK, BLOCK_N, STAGES)
+             n_full, part_idx, part_first, part_end, n_steps, 0, BK, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -351,16 +380,18 @@ def _softmax_step(s, m_i, l_i, i, n_full, start_n, row_lo, row_hi, whole_lo, who
 
 
 @gluon.jit
-def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, b, h, bh,
-                 start_m, q_len, span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first,
-                 part_end, n_steps, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                 FMA: gl.constexpr, turns, ME: gl.constexpr, TURNS: gl.constexpr, num_warps: gl.constexpr):
-    """The consumer partition: the online softmax over the program's steps, then O and LSE. With
-    ``TURNS`` (and ``OVERLAP``) the partitions issue each step's products in turns: partition
-    ``ME`` waits for its barrier of ``turns`` before issuing and then completes the other's, so
-    that one's softmax runs while the other's products run (FlashAttention-3's warp-scheduler
-    barriers)."""
+def _fwd_tile(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, b, h, bh, start_m, q_len,
+              span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, base,
+              turn_base, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+              FMA: gl.constexpr, turns, ME: gl.constexpr, TURNS: gl.constexpr, num_warps: gl.constexpr):
+    """A consumer partition's work on one program's rows, whose Q is in ``q_smem``: the online
+    softmax over the program's steps, then O (through Q's buffer, which is free again when this
+    returns) and LSE. ``base``: the steps the K/V ring took before this program's (earlier tiles
+    of a persistent program); ``turn_base``: the turns taken before. With ``TURNS`` (and
+    ``OVERLAP``) the partitions issue each step's products in turns: partition ``ME`` waits for
+    its barrier of ``turns`` before issuing and then completes the other's, so that one's softmax
+    runs while the other's products run (FlashAttention-3's warp-scheduler barriers)."""
     s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[0]
     o_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[1]
     p_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[2]
@@ -377,26 +408,26 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
     if n_steps > 0:
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero, use_acc=False)
-        mbarrier.arrive(k_empty.index(0), count=1)
+        first = base % STAGES
+        mbarrier.wait(k_ready.index(first), (base // STAGES) & 1)
+        s = warpgroup_mma(q, k_smem.index(first).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero, use_acc=False)
+        mbarrier.arrive(k_empty.index(first), count=1)
         start_n = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
         p, m_i, l_i, _ = _softmax_step(s, m_i, l_i, 0, n_full, start_n, row_lo, row_hi, whole_lo, whole_hi,
                                        qk_scale, ONE_LOOP, BLOCK_N, FMA, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for i in range(1, n_steps):
-            stage = i % STAGES
-            prev = (i - 1) % STAGES
-            mbarrier.wait(k_ready.index(stage), (i // STAGES) & 1)
+            stage = (base + i) % STAGES
+            prev = (base + i - 1) % STAGES
+            mbarrier.wait(k_ready.index(stage), ((base + i) // STAGES) & 1)
             k = k_smem.index(stage).reshape([BLOCK_N, HEAD_D]).permute((1, 0))
             v = v_smem.index(prev).reshape([BLOCK_N, HEAD_D])
             start_n = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
             if OVERLAP:  # S_i, then O += P_{i-1} V_{i-1}; softmax_i runs while the second does
                 if TURNS:  # the first partition's first wait passes: a barrier starts as if a phase had completed
-                    mbarrier.wait(turns.index(ME), ((i - 1) & 1) ^ (ME ^ 1))
+                    mbarrier.wait(turns.index(ME), ((turn_base + i - 1) & 1) ^ (ME ^ 1))
                 s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((base + i - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v, acc, is_async=True)
                 if TURNS:
                     mbarrier.arrive(turns.index(ME ^ 1), count=1)
@@ -406,7 +437,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                                                      whole_hi, qk_scale, ONE_LOOP, BLOCK_N, FMA, s_layout)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
             else:  # O += P_{i-1} V_{i-1}, then S_i, each waited for
-                mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((base + i - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v, acc)
                 s = warpgroup_mma(q, k, s_zero, use_acc=False)
                 mbarrier.arrive(k_empty.index(stage), count=1)
@@ -415,8 +446,8 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.convert_layout(alpha_i, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (n_steps - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_steps - 1) // STAGES) & 1)
+        last = (base + n_steps - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((base + n_steps - 1) // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_D]), acc)
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -431,15 +462,29 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     tma.store_wait(0)
 
 
+@gluon.jit
+def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, b, h, bh, start_m,
+                 q_len, span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first, part_end,
+                 n_steps, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                 FMA: gl.constexpr, turns, ME: gl.constexpr, TURNS: gl.constexpr, num_warps: gl.constexpr):
+    """A consumer partition of a program of one tile: its Q, then its work (``_fwd_tile``)."""
+    mbarrier.wait(q_bar, 0)
+    _fwd_tile(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, b, h, bh, start_m, q_len,
+              span_lo_ptr, span_hi_ptr, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, 0, 0,
+              qk_scale, ONE_LOOP, BK, BLOCK_M, BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, ME, TURNS, num_warps)
+
+
 @gluon.jit(do_not_specialize=["q_len", "kv_len"])
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len, kv_len, n_q_blocks, qk_scale,
                    ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr,
                    BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                    STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, FMA: gl.constexpr,
                    TURNS: gl.constexpr, num_warps: gl.constexpr):
-    (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, row_lo,
-     row_hi) = _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M,
-                                    BLOCK_N)
+    bh = gl.program_id(1)
+    b, h, start_m, slot, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = _query_program_steps(
+        T, gl.program_id(0), bh, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N)
+    row_lo, row_hi = _row_spans(T, slot, q_len)
 
     dtype: gl.constexpr = q_desc.dtype
     HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own rows and Q buffer
@@ -475,6 +520,156 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
         ], [1], [LOAD_REGS])
 
 
+# -- the persistent forward ------------------------------------------------------------------
+#: Fields of a tile's record (``_record``), which the persistent forward's load warp writes for
+#: its consumers: batch and head, first row, slot, FULL list start and count, PARTIAL steps, steps.
+RECORD = gl.constexpr(8)
+
+
+@gluon.constexpr_function
+def _record_layout(num_warps):
+    """A record in registers: every thread holds all of it (the fields are read in-thread)."""
+    return gl.BlockedLayout([RECORD], [32], [num_warps], [0])
+
+
+@gluon.jit
+def _record(bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps, num_warps: gl.constexpr):
+    """A tile's record: what a consumer needs of it, which the tables give only through a chain of
+    dependent loads (``_query_program_steps``) that the load warp runs while the consumers work."""
+    at = gl.arange(0, RECORD, _record_layout(num_warps))
+    return (gl.where(at == 0, bh, 0) + gl.where(at == 1, start_m, 0) + gl.where(at == 2, slot, 0) +
+            gl.where(at == 3, full_first, 0) + gl.where(at == 4, n_full, 0) + gl.where(at == 5, part_first, 0) +
+            gl.where(at == 6, part_end, 0) + gl.where(at == 7, n_steps, 0))
+
+
+@gluon.jit
+def _field(record, n: gl.constexpr, num_warps: gl.constexpr):
+    """Field ``n`` of a record that ``_record`` made."""
+    return gl.sum(gl.where(gl.arange(0, RECORD, _record_layout(num_warps)) == n, record, 0), 0)
+
+
+@gluon.jit
+def _round_tile(r):
+    """The tile a persistent program takes in round ``r``: the programs take a round's tiles in
+    turn, forwards in even rounds and backwards in odd ones, so that tiles coming heaviest first
+    (``Q_ORDER``, every head's first block before any head's second) even out over the rounds."""
+    n = gl.num_programs(0)
+    p = gl.program_id(0)
+    if r % 2 == 1:
+        p = n - 1 - p
+    return r * n + p
+
+
+@gluon.jit
+def _fwd_load_tiles(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles, ONE_LOOP: gl.constexpr,
+                    TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The persistent load partition: per tile, its lists, then (once the consumers have freed a
+    Q buffer) its record and Q, then its K and V steps into the ring, whose count carries on from
+    tile to tile (``base``)."""
+    Q_BUFFERS: gl.constexpr = records.shape[0]
+    HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
+    base = 0
+    taken = 0
+    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
+        tile = _round_tile(r)
+        if tile < n_tiles:
+            bh = tile % n_bh
+            b, h, start_m, slot, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = \
+                _query_program_steps(T, tile // n_bh, bh, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS,
+                                     BQ, BK, BLOCK_M, BLOCK_N)
+            buffer = taken % Q_BUFFERS
+            mbarrier.wait(q_empty.index(buffer), ((taken // Q_BUFFERS) & 1) ^ 1)  # starts as if a phase completed
+            records.index(buffer).store(_record(bh, start_m, slot, full_first, n_full, part_first, part_end,
+                                                n_steps, 1))
+            _partition_barrier()  # the record is written before Q's barrier says it is there
+            _q_load(q_desc, q_smem, q_ready.index(buffer), buffer * HALVES, b, h, start_m, n_steps, HALVES)
+            _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, h // group, full_idx,
+                     full_first, n_full, part_idx, part_first, part_end, n_steps, base, BK, BLOCK_N, STAGES)
+            base += n_steps
+            taken += 1
+
+
+@gluon.jit
+def _fwd_consume_tiles(q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, o_desc,
+                       Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr,
+                       ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                       OVERLAP: gl.constexpr, FMA: gl.constexpr, turns, ME: gl.constexpr, TURNS: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """A persistent consumer partition (rows ``ME * ROWS`` on of each tile): per tile, waits for
+    its Q and record, works on it (``_fwd_tile``) and frees its Q buffer."""
+    Q_BUFFERS: gl.constexpr = records.shape[0]
+    HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
+    full_idx = kernels._section(T, kernels.FWD_FULL_IDX)
+    part_idx = kernels._section(T, kernels.FWD_PART_IDX)
+    base = 0
+    turn_base = 0
+    taken = 0
+    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
+        if _round_tile(r) < n_tiles:
+            buffer = taken % Q_BUFFERS
+            mbarrier.wait(q_ready.index(buffer), (taken // Q_BUFFERS) & 1)
+            record = records.index(buffer).load(_record_layout(num_warps))
+            bh = _field(record, 0, num_warps)
+            n_steps = _field(record, 7, num_warps)
+            row_lo, row_hi = _row_spans(T, _field(record, 2, num_warps), q_len)
+            _fwd_tile(q_smem.index(buffer * HALVES + ME), k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_desc,
+                      Lse, bh // n_heads, bh % n_heads, bh, _field(record, 1, num_warps) + ME * ROWS, q_len, row_lo,
+                      row_hi, full_idx, _field(record, 3, num_warps), _field(record, 4, num_warps), part_idx,
+                      _field(record, 5, num_warps), _field(record, 6, num_warps), n_steps, base, turn_base, qk_scale,
+                      ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, ME, TURNS, num_warps)
+            mbarrier.arrive(q_empty.index(buffer), count=1)
+            base += n_steps
+            turn_base += gl.maximum(n_steps - 1, 0)
+            taken += 1
+
+
+@gluon.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len, kv_len, n_q_blocks,
+                              n_bh, qk_scale, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr,
+                              BQ: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              HEAD_D: gl.constexpr, STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr,
+                              OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, FMA: gl.constexpr, TURNS: gl.constexpr,
+                              num_warps: gl.constexpr):
+    """The forward as a persistent kernel (``PERSISTENT``): a program per multiprocessor takes
+    the ``_attn_fwd_sm90`` programs' tiles in rounds (``_round_tile``). Its load warp reads a
+    tile's lists and copies its Q (into one of ``Q_BUFFERS``) while the consumers still work on
+    the tile before, so that neither the tables' chain of loads nor Q's copy stands between
+    two tiles; it hands the consumers the tile through a record in shared memory."""
+    dtype: gl.constexpr = q_desc.dtype
+    HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own rows and Q buffers
+    ROWS: gl.constexpr = BLOCK_M // HALVES
+    gl.static_assert(q_desc.block_type.shape[2] == ROWS, "Q and O are copied in tiles of a partition's rows")
+    n_tiles = n_q_blocks * (BQ // BLOCK_M) * n_bh
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * HALVES] + q_desc.block_type.shape, q_desc.layout)
+    records = gl.allocate_shared_memory(gl.int32, [Q_BUFFERS, RECORD], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    q_ready = _barriers(Q_BUFFERS, 1)
+    q_empty = _barriers(Q_BUFFERS, HALVES)
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, STAGES, HALVES)
+    turns = _barriers(2, 1)  # with TURNS: each partition's turn to issue its products
+    if PINGPONG:
+        gl.warp_specialize([
+            (_fwd_consume_tiles, (q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                  v_empty, o_desc, Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP, BK, ROWS,
+                                  BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, 0, TURNS, ROWS // 16)),
+            (_fwd_consume_tiles, (q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                  v_empty, o_desc, Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP, BK, ROWS,
+                                  BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, 1, TURNS, ROWS // 16)),
+            (_fwd_load_tiles, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready,
+                               k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
+                               ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
+        ], [ROWS // 16, 1], [CONSUMER_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_fwd_consume_tiles, (q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                  v_empty, o_desc, Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP, BK, ROWS,
+                                  BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, 0, False, num_warps)),
+            (_fwd_load_tiles, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready,
+                               k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
+                               ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
+        ], [1], [LOAD_REGS])
+
 # -- dQ -------------------------------------------------------------------------------------
 @gluon.jit
 def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_ready,
@@ -490,7 +685,7 @@ def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, r
             _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], rows_bar, q_smem.index(half))
             _tma_load(do_desc, [b, h, start_m + half * ROWS, 0], rows_bar, do_smem.index(half))
     _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
-             n_full, part_idx, part_first, part_end, n_steps, BK, BLOCK_N, STAGES)
+             n_full, part_idx, part_first, part_end, n_steps, 0, BK, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -613,9 +808,10 @@ def _attn_bwd_dq_sm90(q_desc, do_desc, k_desc, v_desc, Out, Lse, dLse, Lse2, Del
                       BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                       STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, ADD_DQ: gl.constexpr,
                       num_warps: gl.constexpr):
-    (bh, b, h, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, row_lo,
-     row_hi) = _query_program_steps(T, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M,
-                                    BLOCK_N)
+    bh = gl.program_id(1)
+    b, h, start_m, slot, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = _query_program_steps(
+        T, gl.program_id(0), bh, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N)
+    row_lo, row_hi = _row_spans(T, slot, q_len)
     o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     dq_base = dQ + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
 

@@ -267,11 +267,11 @@ def _key_step(blocks, step, end, start_n, pattern_of, k_desc, k_base, b, kv_head
 
 
 @triton.jit
-def _query_program(T, head, n_q_blocks, N_MASK_HEADS: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's slot, table query block and first row (forward and dQ grids)."""
+def _query_program(T, head, task, n_q_blocks, N_MASK_HEADS: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The slot, table query block and first row of ``head``'s program ``task`` (forward and dQ:
+    the grid's first axis, or the tile a persistent program took)."""
     SUBS: tl.constexpr = BQ // BLOCK_M
     slot = tl.load(_section(T, HEAD_SLOT) + head % N_MASK_HEADS)
-    task = tl.program_id(0)
     qb = tl.load(_section(T, Q_ORDER) + slot * n_q_blocks + task // SUBS)
     return slot, qb, qb * BQ + (task % SUBS) * BLOCK_M
 
@@ -321,7 +321,7 @@ def _query_rows(T, K, V, stride_kb, stride_kh, stride_vb, stride_vh, n_heads, gr
     tl.static_assert(BK % BLOCK_N == 0, "a key step must lie in one table key block")
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
-    slot, qb, start_m = _query_program(T, h, n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
+    slot, qb, start_m = _query_program(T, h, tl.program_id(0), n_q_blocks, N_MASK_HEADS, BQ, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     kv_head = h // group
     k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh

@@ -208,8 +208,29 @@ def _sm90_forward_launch(structure: Structure, q, k, v) -> Launch:
                  STAGES=stages, OVERLAP=hopper.OVERLAP, PINGPONG=hopper.PINGPONG, FMA=hopper.FMA_SOFTMAX,
                  TURNS=hopper.TURNS, maxnreg=hopper.MAX_REGS)
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
-    return Launch(hopper._attn_fwd_sm90, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"),
-                  config, {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)
+    kernel = hopper._attn_fwd_sm90
+    if hopper.PERSISTENT:  # a program per multiprocessor, taking the tiles of that grid in rounds
+        kernel = hopper._attn_fwd_sm90_persistent
+        fixed.update(n_bh=grid[1], Q_BUFFERS=_q_buffers(block_m, block_n, stages, q.shape[-1]))
+        grid = (min(grid[0] * grid[1], multiprocessors(q.device)), 1, 1)
+    return Launch(kernel, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"), config,
+                  {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count: the persistent kernels' grid."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+#: Shared memory an sm_90 program may take (bytes): the H100's and H200's 227 KiB.
+SM90_SHARED_BYTES = 227 * 1024
+
+
+def _q_buffers(block_m: int, block_n: int, stages: int, head_d: int) -> int:
+    """Q buffers of the persistent forward: two (the next tile's Q is copied while this tile's
+    is read) where they fit in shared memory beside the K/V ring (16-bit tiles), else one (as at
+    head dim 256)."""
+    return 2 if (2 * block_m + 2 * stages * block_n) * head_d * 2 <= SM90_SHARED_BYTES - 1024 else 1
 
 
 def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
