@@ -51,9 +51,9 @@ SCRIPT = textwrap.dedent("""
                 mock.patch.object(launch, "multiprocessors", lambda device: 132):  # an H100's, H200's
             builds.append((launch._sm90_forward_launch(plan.structure, q, k, k), forward))
         if head_dim in launch._hopper().DQ_CONFIGS:  # dQ into a 16-bit tensor, and into ring attention's float32 sum
-            for dq in (torch.empty_like(q), torch.empty(q.shape)):
+            for dq, d_lse in ((torch.empty_like(q), None), (torch.empty(q.shape), lse)):  # None: no LSE gradient
                 builds.append((launch._sm90_dq_launch(plan.structure, q, k, k, q, q, dq),
-                               (q, k, k, q, q, dq, lse, lse, lse, lse, plan.tables, 0.1, 0.1)))
+                               (q, k, k, q, q, dq, lse, d_lse, lse, lse, plan.tables, 0.1, 0.1)))
         if head_dim in launch._hopper().DKDV_CONFIGS:
             builds.append((launch._sm90_dkdv_launch(plan.structure, q, k, k, q),
                            (q, q, k, k, torch.empty_like(k), torch.empty_like(k), lse.view(-1), lse.view(-1), plan.tables,

@@ -523,6 +523,28 @@ def test_backward_adds_dq_into_a_sum_and_leaves_empty_rows_alone(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_an_unused_output_gets_no_gradient_made_for_it(backend):
+    """A training step that uses ``out`` alone passes the op no LSE gradient (nor, using the LSE
+    alone, an output gradient): nothing is filled with zeros for it, and the gradients are those
+    of a zero gradient, to the bit."""
+    cm = maskc.compile(maskc.Spec(q_len=40, kv_len=40, mask=maskc.Documents(lengths=[25, 15]) & maskc.Causal()),
+                       block_size=16)
+    torch.manual_seed(0)
+    q, k, v, d_out = (x.requires_grad_() for x in torch.randn(4, 1, 2, 40, 16).unbind(0))
+    out, lse = cm(q, k, v, return_lse=True, backend=backend)
+    zero_lse, zero_out = torch.zeros_like(lse), torch.zeros_like(out)
+    pairs = [(torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
+              torch.autograd.grad((out, lse), (q, k, v), (d_out, zero_lse), retain_graph=True)),
+             (torch.autograd.grad(lse, (q, k, v), d_out[..., 0], retain_graph=True),
+              torch.autograd.grad((out, lse), (q, k, v), (zero_out, d_out[..., 0]), retain_graph=True)),
+             (cm.backward(q, k, v, out, lse, d_out, backend=backend),
+              cm.backward(q, k, v, out, lse, d_out, zero_lse, backend=backend))]
+    for got, want in pairs:
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_backward_takes_saved_tensors_in_any_layout(backend):
     """``out``, ``lse`` and ``d_out`` kept in a caller's own layout (``[batch, seq, heads]`` storage
     seen as ``[batch, heads, seq]``) give the gradients their contiguous copies give."""

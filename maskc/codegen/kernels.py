@@ -425,12 +425,14 @@ def _attn_fwd(Q, K, V, K_desc, V_desc, Out, Lse, T, patterns,
 # -- backward -----------------------------------------------------------------------
 @triton.jit
 def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
-    """Per query row, for both backward kernels: ``delta = rowsum(dO * O) - dLSE`` and the LSE in
-    base 2 (``+inf`` for empty rows, so that their ``P`` is 0); stored, and returned."""
+    """Per query row, for both backward kernels: ``delta = rowsum(dO * O) - dLSE`` (``dLse`` is
+    ``None`` where no gradient flows into the LSE, as in most training steps) and the LSE in base 2
+    (``+inf`` for empty rows, so that their ``P`` is 0); stored, and returned."""
     lse = tl.load(Lse + rows, mask=in_range, other=float("-inf"))
     finite = lse != float("-inf")
-    d_lse = tl.where(finite, tl.load(dLse + rows, mask=in_range, other=0.0), 0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - d_lse
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if dLse is not None:
+        delta -= tl.where(finite, tl.load(dLse + rows, mask=in_range, other=0.0), 0.0)
     lse2 = tl.where(finite, lse * LOG2E, float("inf"))
     tl.store(Delta + rows, delta, mask=in_range)
     tl.store(Lse2 + rows, lse2, mask=in_range)

@@ -290,13 +290,14 @@ def _sm90_reason(key: tuple, kernel: str, structure: Structure, *tensors: torch.
 _SM90_LAUNCHES = {"forward": _sm90_forward_launch, "dq": _sm90_dq_launch, "dkdv": _sm90_dkdv_launch}
 
 
-def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple) -> bool:
+def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple, flags: tuple = ()) -> bool:
     """Run the sm_90 ``kernel`` on ``values`` where it applies to ``tensors``: q, k, v and, for
-    dQ, out, d_out and dq, for dK/dV, d_out. ``False`` where the Triton kernel must run."""
+    dQ, out, d_out and dq, for dK/dV, d_out. ``False`` where the Triton kernel must run.
+    ``flags``: what else the compiled kernel depends on (an argument that is ``None``)."""
     if structure.q_len * structure.kv_len < TMA_MIN_PAIRS:  # the common short call: no key to build
         return False
     key = _sm90_key(kernel, structure, *tensors)
-    found = _launches.get(key)
+    found = _launches.get(key + flags)
     if found is not None:
         found(values)
         return True
@@ -310,7 +311,7 @@ def _run_sm90(kernel: str, structure: Structure, tensors: tuple, values: tuple) 
         warnings.warn(f"maskc: {_sm90_decided[key]}; the Triton {kernel} kernel runs instead", RuntimeWarning,
                       stacklevel=3)
         return False
-    _launches[key] = found
+    _launches[key + flags] = found
     return True
 
 
@@ -498,15 +499,18 @@ def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
 
 
 def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d_lse, scale: float, dq_sum=None):
-    """``(dq, dk, dv)`` of the Triton backward from the forward's ``out`` and ``lse``; with
-    ``dq_sum`` (float32, q's shape) dQ is added into it, which is returned as ``dq``."""
+    """``(dq, dk, dv)`` of the Triton backward from the forward's ``out`` and ``lse``; ``d_lse`` may
+    be ``None`` (no gradient flows into the LSE); with ``dq_sum`` (float32, q's shape) dQ is added
+    into it, which is returned as ``dq``."""
     dq = torch.empty_like(q) if dq_sum is None else dq_sum
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if structure.empty:
         return dq if dq_sum is not None else dq.zero_(), dk.zero_(), dv.zero_()
     # written by the dQ kernel for every row (``rows`` apart a head), read by dK/dV
     lse2, delta = (torch.empty(lse.shape, dtype=torch.float32, device=lse.device) for _ in range(2))
-    lse, d_lse = lse.contiguous(), d_lse.to(torch.float32).contiguous()  # the kernels index rows bh * q_len + row
+    lse = lse.contiguous()  # the kernels index rows bh * q_len + row
+    if d_lse is not None:
+        d_lse = d_lse.to(torch.float32).contiguous()
     qk_scale = scale * kernels.LOG2E.value
     aligned = _aligned(q, k, v, out, d_out)
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
@@ -537,12 +541,14 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
                        "qk_scale", "scale"), config,
                       {"Q_desc": config.block_m, "dO_desc": config.block_m} if use_tma else {}, aligned)
 
-    key = _key("dq", structure, aligned, q, k, v, out, d_out, dq) + (dq_sum is not None,)
+    key = _key("dq", structure, aligned, q, k, v, out, d_out, dq)
+    flags = (dq_sum is not None, d_lse is None)  # what else the dQ kernels are compiled for
     # dQ first: it computes the row terms dK/dV reads
     if not _run_sm90("dq", structure, (q, k, v, out, d_out, dq),
-                     (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale)):
-        launch("dq", key, (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale),
-               build_dq, structure, q, v)
+                     (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale), flags):
+        launch("dq", key + flags,
+               (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale), build_dq,
+               structure, q, v)
     if _run_sm90("dkdv", structure, (q, k, v, d_out),
                  (q, d_out, k, v, dk, dv, lse2.view(-1), delta.view(-1), tables, qk_scale, scale)):
         return dq, dk, dv

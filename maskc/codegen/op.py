@@ -52,7 +52,6 @@ def _forward(tables, backend: str, key: str, q, k, v, scale: float):
 def _backward(tables, backend: str, key: str, q, k, v, out, lse, d_out, d_lse, scale: float, dq_sum=None):
     if backend == "triton":
         d_out = torch.zeros_like(out) if d_out is None else d_out
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
         return _launch().backward(structure_of(key), tables[0], tables[1], q, k, v, out.to(q.dtype),
                                   lse.to(torch.float32), d_out.to(q.dtype), d_lse, scale, dq_sum)
     dq, dk, dv = reference_backward(tables, key, q, k, v, out, lse, d_out, d_lse, scale)
@@ -123,6 +122,7 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, call: _Call, scale: float):
         out, lse = _forward(call.tables, call.backend, call.key, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None: no zeros made and read
         ctx.call, ctx.scale = call, scale
         return out, lse
 
