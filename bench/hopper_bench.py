@@ -60,6 +60,7 @@ VARIANTS = {"sm90": {}, "sm90 no overlap": {"OVERLAP": False}, "sm90 one warpgro
             "sm90 3 stages": {"CONFIGS": {**hopper.CONFIGS, 128: (128, 128, 3)}},
             "sm90 FMA softmax": {"FMA_SOFTMAX": True}, "sm90 turns": {"TURNS": True},
             "sm90 persistent": {"PERSISTENT": True}, "sm90 persistent turns": {"PERSISTENT": True, "TURNS": True},
+            "sm90 dQ persistent": {"DQ_PERSISTENT": True},
             "sm90 dK/dV one partition": {"DKDV_PINGPONG": False},
             "sm90 dK/dV no overlap": {"DKDV_OVERLAP": False},
             "sm90 dK/dV 2 stages": {"DKDV_CONFIGS": {**hopper.DKDV_CONFIGS, 128: (32, 128, 2)}},

@@ -47,17 +47,20 @@ SCRIPT = textwrap.dedent("""
         lse = torch.empty(1, heads, n)
         forward = (q, k, k, torch.empty_like(q), lse, plan.tables, 0.1)
         builds = [(launch._sm90_forward_launch(plan.structure, q, k, k), forward)]
-        with mock.patch.object(launch._hopper(), "PERSISTENT", True), \
+
+        def dq_build(dq, d_lse):
+            return (launch._sm90_dq_launch(plan.structure, q, k, k, q, q, dq),
+                    (q, k, k, q, q, dq, lse, d_lse, lse, lse, plan.tables, 0.1, 0.1))
+
+        # dQ into a 16-bit tensor with no LSE gradient, and into ring attention's float32 sum
+        builds += [dq_build(torch.empty_like(q), None), dq_build(torch.empty(q.shape), lse)]
+        builds.append((launch._sm90_dkdv_launch(plan.structure, q, k, k, q),
+                       (q, q, k, k, torch.empty_like(k), torch.empty_like(k), lse.view(-1), lse.view(-1), plan.tables,
+                        0.1, 0.1)))
+        with mock.patch.multiple(launch._hopper(), PERSISTENT=True, DQ_PERSISTENT=True), \
                 mock.patch.object(launch, "multiprocessors", lambda device: 132):  # an H100's, H200's
-            builds.append((launch._sm90_forward_launch(plan.structure, q, k, k), forward))
-        if head_dim in launch._hopper().DQ_CONFIGS:  # dQ into a 16-bit tensor, and into ring attention's float32 sum
-            for dq, d_lse in ((torch.empty_like(q), None), (torch.empty(q.shape), lse)):  # None: no LSE gradient
-                builds.append((launch._sm90_dq_launch(plan.structure, q, k, k, q, q, dq),
-                               (q, k, k, q, q, dq, lse, d_lse, lse, lse, plan.tables, 0.1, 0.1)))
-        if head_dim in launch._hopper().DKDV_CONFIGS:
-            builds.append((launch._sm90_dkdv_launch(plan.structure, q, k, k, q),
-                           (q, q, k, k, torch.empty_like(k), torch.empty_like(k), lse.view(-1), lse.view(-1), plan.tables,
-                            0.1, 0.1)))
+            builds += [(launch._sm90_forward_launch(plan.structure, q, k, k), forward),
+                       dq_build(torch.empty_like(q), None)]
         for built, values in builds:
             arguments = dict(built.fixed, **dict(zip(built.names, built._wrapped(values))))
             kernel = built.kernel.warmup(grid=built.grid, num_warps=built.config.num_warps, **arguments)
@@ -77,8 +80,8 @@ def test_the_sm90_kernels_compile_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     serialized = [line for line in (done.stdout + done.stderr).splitlines() if "serialized" in line]
     assert not serialized, serialized
-    # three forwards, each also persistent, three dQ, each into 16 bits and into float32, three dK/dV
-    assert done.stdout.count("compiled") == 15, done.stdout
+    # per head dim: the forward, dQ into 16 bits and into float32, dK/dV, the persistent forward and dQ
+    assert done.stdout.count("compiled") == 18, done.stdout
 
 
 def test_kernel_paths_name_the_kernels_and_why_not_the_fast_path():

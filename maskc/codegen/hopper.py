@@ -50,7 +50,9 @@ forward (``_attn_fwd_sm90_persistent``, ``PERSISTENT``, off until a GPU run meas
 program per multiprocessor that takes these programs' tiles in rounds: its load warp reads the
 next tile's lists and copies its Q into a second buffer (where shared memory has room for one:
 head dims 64 and 128) while the consumers still work on the tile before, and hands them the
-tile in a record in shared memory; the K/V ring runs on from tile to tile.
+tile in a record in shared memory; the K/V ring runs on from tile to tile. The dQ kernel has
+the same variant (``_attn_bwd_dq_sm90_persistent``, ``DQ_PERSISTENT``), whose load warp copies
+each next tile's Q and dO.
 
 The dQ kernel (``_attn_bwd_dq_sm90``, opt-in with dK/dV: ``MASKC_GLUON_BACKWARD=1``) walks the
 forward's lists with the forward's schedule: its load warp copies the rows' Q and dO once, then
@@ -69,25 +71,25 @@ before waiting for this step's), ptxas serialized every ``wgmma`` of the kernel 
 that it does not.
 
 The dK/dV kernel (``_attn_bwd_dkdv_sm90``, opt-in: ``MASKC_GLUON_BACKWARD=1``) reads the same
-tables in the other direction: one program per ``BLOCK_N`` keys of ``KV_ORDER``, walking the
-query blocks listed for its key block, for every query head sharing its key head. Its load
-warp copies K and V once, then each step's Q, dO and the rows' LSE (base 2) and delta that the
-dQ kernel (either) stores, one after another into ``STAGES`` buffers. Its consumers hold dK and
-dV in registers over the whole loop and, per step, compute ``S^T = K Q^T`` and ``dP^T = V dO^T``
-(keys down), ``P^T`` from the LSE (masked by the keys' spans on PARTIAL steps), ``dV += P^T dO``
-and ``dK += dS^T Q`` with P and dS as register operands (at head dim 256 a program's 64 keys are
-shared by two warpgroups side by side, each holding half of dK and dV's columns); step ``i`` issues its two products, then
-step ``i - 1``'s ``dV`` and ``dK`` (``DKDV_OVERLAP``). No atomics: every key has one writer. Its
-first version measured slower than the Triton dK/dV kernel (bench/RESULTS.md), with its
+tables in the other direction: one program per ``BLOCK_N`` keys of ``KV_ORDER``, walking the query
+blocks listed for its key block, for every query head sharing its key head. Its load warp copies K
+and V once, then each step's Q, dO and the rows' LSE (base 2) and delta that the dQ kernel (either)
+stores, one after another into ``STAGES`` buffers. Its consumers hold dK and dV in registers over
+the whole loop and, per step, compute ``S^T = K Q^T`` and ``dP^T = V dO^T`` (keys down), ``P^T``
+from the LSE (masked by the keys' spans on PARTIAL steps), ``dV += P^T dO`` and ``dK += dS^T Q``
+with P and dS as register operands (at head dim 256 a program's 64 keys are shared by two
+warpgroups side by side, each holding half of dK and dV's columns); step ``i`` issues its two
+products, then step ``i - 1``'s ``dV`` and ``dK`` (``DKDV_OVERLAP``). No atomics: every key has one
+writer. Its first version measured slower than the Triton dK/dV kernel (bench/RESULTS.md), with its
 ``wgmma`` serialized; this one and the dQ kernel are not yet measured, hence opt-in.
 
-What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths`` say why not, and
-the Triton kernel runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64,
-128 or 256 (dK/dV: ``q_len`` a multiple of 4, for 16-byte aligned row-term copies), masks whose PARTIAL tiles test spans (no generated predicate, no bit
-patterns), table blocks that the tiles divide, tensors a TMA descriptor can describe, and problems
-of at least ``launch.TMA_MIN_PAIRS`` pairs (below that the host's descriptors cost more than the
-kernel saves). ``MASKC_GLUON=0`` turns it off.
-"""
+What it covers (``launch.sm90_unsupported`` and ``CompiledMask.kernel_paths`` say why not, and the
+Triton kernel runs instead): an sm_90 GPU, 16-bit inputs, equal Q/K and V head dims of 64, 128 or
+256 (dK/dV: ``q_len`` a multiple of 4, for 16-byte aligned row-term copies), masks whose PARTIAL
+tiles test spans (no generated predicate, no bit patterns), table blocks that the tiles divide,
+tensors a TMA descriptor can describe, and problems of at least ``launch.TMA_MIN_PAIRS`` pairs
+(below that the host's descriptors cost more than the kernel saves). ``MASKC_GLUON=0`` turns it
+off. """
 
 from __future__ import annotations
 
@@ -124,6 +126,9 @@ DKDV_PINGPONG = True
 #: (``DQ_OVERLAP``).
 DQ_OVERLAP = True
 DQ_PINGPONG = True
+#: Run the dQ kernel as a persistent kernel (``_attn_bwd_dq_sm90_persistent``), as ``PERSISTENT``
+#: does the forward. Off until a GPU run measures it ("sm90 dQ persistent").
+DQ_PERSISTENT = False
 
 #: Registers a thread of the load warp keeps (it walks lists and issues copies); the consumers
 #: get the rest of the multiprocessor's.
@@ -177,7 +182,7 @@ def descriptor(t: torch.Tensor, strides: list[int], rows: int) -> TensorDescript
     return TensorDescriptor(t, list(t.shape), strides, block, layout)
 
 
-# -- shared by the kernels --------------------------------------------------------------
+# -- shared by the kernels ------------------------------------------------------------------
 @gluon.jit
 def _barriers(n: gl.constexpr, count: gl.constexpr):
     """A ring of ``n`` mbarriers, each completing a phase after ``count`` arrivals (or a copy's
@@ -330,28 +335,120 @@ def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
             _barriers(STAGES, CONSUMERS))
 
 
-# -- forward --------------------------------------------------------------------------------
 @gluon.jit
-def _q_load(q_desc, q_smem, q_bar, first, b, h, start_m, n_steps, HALVES: gl.constexpr):
-    """A program's Q into buffers ``first`` to ``first + HALVES`` of ``q_smem`` (one per consumer
-    partition), completing ``q_bar``; a program with no step copies nothing and only completes
-    it (its consumers write zeros, through Q's buffer)."""
+def _rows_load(q_desc, do_desc, q_smem, do_smem, bar, first, b, h, start_m, copy, HALVES: gl.constexpr):
+    """A query program's Q, and its dO where ``do_desc`` is given (dQ; ``None`` in the forward),
+    into buffers ``first`` to ``first + HALVES`` (one per consumer partition), completing ``bar``;
+    where ``copy`` is false (a forward program with no step, a dQ program past the end) nothing
+    is copied and ``bar`` only completes (the forward's consumers write zeros, through Q's
+    buffer)."""
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
-    if n_steps > 0:
-        mbarrier.expect(q_bar, HALVES * q_desc.block_type.nbytes)
+    if copy:
+        if do_desc is None:
+            mbarrier.expect(bar, HALVES * q_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, HALVES * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
         for half in gl.static_range(HALVES):
-            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], q_bar, q_smem.index(first + half))
+            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], bar, q_smem.index(first + half))
+            if do_desc is not None:
+                _tma_load(do_desc, [b, h, start_m + half * ROWS, 0], bar, do_smem.index(first + half))
     else:
-        mbarrier.arrive(q_bar, count=1)
+        mbarrier.arrive(bar, count=1)
 
 
+# -- persistent programs --------------------------------------------------------------------
+#: Fields of a tile's record (``_record``), which a persistent query program's load warp writes
+#: for its consumers: batch and head, first row, slot, FULL list start and count, PARTIAL steps, steps.
+RECORD = gl.constexpr(8)
+
+
+@gluon.constexpr_function
+def _record_layout(num_warps):
+    """A record in registers: every thread holds all of it (the fields are read in-thread)."""
+    return gl.BlockedLayout([RECORD], [32], [num_warps], [0])
+
+
+@gluon.jit
+def _record(bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps, num_warps: gl.constexpr):
+    """A tile's record: what a consumer needs of it, which the tables give only through a chain of
+    dependent loads (``_query_program_steps``) that the load warp runs while the consumers work."""
+    at = gl.arange(0, RECORD, _record_layout(num_warps))
+    return (gl.where(at == 0, bh, 0) + gl.where(at == 1, start_m, 0) + gl.where(at == 2, slot, 0) +
+            gl.where(at == 3, full_first, 0) + gl.where(at == 4, n_full, 0) + gl.where(at == 5, part_first, 0) +
+            gl.where(at == 6, part_end, 0) + gl.where(at == 7, n_steps, 0))
+
+
+@gluon.jit
+def _field(record, at, n: gl.constexpr):
+    """Field ``n`` of a record in registers (``at``: its positions)."""
+    return gl.sum(gl.where(at == n, record, 0), 0)
+
+
+@gluon.jit
+def _read_record(records, buffer, num_warps: gl.constexpr):
+    """The fields of the record in ``records[buffer]``, in ``_record``'s order."""
+    record = records.index(buffer).load(_record_layout(num_warps))
+    at = gl.arange(0, RECORD, _record_layout(num_warps))
+    return (_field(record, at, 0), _field(record, at, 1), _field(record, at, 2), _field(record, at, 3),
+            _field(record, at, 4), _field(record, at, 5), _field(record, at, 6), _field(record, at, 7))
+
+
+@gluon.jit
+def _round_tile(r):
+    """The tile a persistent program takes in round ``r``: the programs take a round's tiles in
+    turn, forwards in even rounds and backwards in odd ones, so that tiles coming heaviest first
+    (``Q_ORDER``, every head's first block before any head's second) even out over the rounds."""
+    n = gl.num_programs(0)
+    p = gl.program_id(0)
+    if r % 2 == 1:
+        p = n - 1 - p
+    return r * n + p
+
+
+@gluon.jit
+def _tiles_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows_empty,
+                k_ready, k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
+                ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr,
+                BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The load partition of a persistent query program (the forward; dQ with ``do_desc``): per
+    tile, its lists, then (once the consumers have freed a row buffer) its record and rows
+    (``_rows_load``), then its K and V steps into the ring, whose count carries on from tile to
+    tile (``base``)."""
+    Q_BUFFERS: gl.constexpr = records.shape[0]
+    HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
+    base = 0
+    taken = 0
+    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
+        tile = _round_tile(r)
+        if tile < n_tiles:
+            bh = tile % n_bh
+            b, h, start_m, slot, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = \
+                _query_program_steps(T, tile // n_bh, bh, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS,
+                                     BQ, BK, BLOCK_M, BLOCK_N)
+            copy = n_steps > 0
+            if do_desc is not None:  # every row gets its row terms, even one whose program has no step
+                copy = start_m < q_len
+            buffer = taken % Q_BUFFERS
+            mbarrier.wait(rows_empty.index(buffer), ((taken // Q_BUFFERS) & 1) ^ 1)  # starts as if a phase completed
+            records.index(buffer).store(_record(bh, start_m, slot, full_first, n_full, part_first, part_end,
+                                                n_steps, 1))
+            _partition_barrier()  # the record is written before the rows' barrier says it is there
+            _rows_load(q_desc, do_desc, q_smem, do_smem, rows_ready.index(buffer), buffer * HALVES, b, h, start_m,
+                       copy, HALVES)
+            _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, h // group, full_idx,
+                     full_first, n_full, part_idx, part_first, part_end, n_steps, base, BK, BLOCK_N, STAGES)
+            base += n_steps
+            taken += 1
+
+
+# -- forward --------------------------------------------------------------------------------
 @gluon.jit
 def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, b, h,
               kv_head, start_m, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps,
               BK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The load partition: Q (one buffer per consumer partition), then K and V
     of every step, ``STAGES`` buffers ahead."""
-    _q_load(q_desc, q_smem, q_bar, 0, b, h, start_m, n_steps, q_smem.shape[0])
+    _rows_load(q_desc, None, q_smem, None, q_bar, 0, b, h, start_m, n_steps > 0, q_smem.shape[0])
     _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
              n_full, part_idx, part_first, part_end, n_steps, 0, BK, BLOCK_N, STAGES)
 
@@ -520,77 +617,6 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, group, q_len
         ], [1], [LOAD_REGS])
 
 
-# -- the persistent forward ------------------------------------------------------------------
-#: Fields of a tile's record (``_record``), which the persistent forward's load warp writes for
-#: its consumers: batch and head, first row, slot, FULL list start and count, PARTIAL steps, steps.
-RECORD = gl.constexpr(8)
-
-
-@gluon.constexpr_function
-def _record_layout(num_warps):
-    """A record in registers: every thread holds all of it (the fields are read in-thread)."""
-    return gl.BlockedLayout([RECORD], [32], [num_warps], [0])
-
-
-@gluon.jit
-def _record(bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps, num_warps: gl.constexpr):
-    """A tile's record: what a consumer needs of it, which the tables give only through a chain of
-    dependent loads (``_query_program_steps``) that the load warp runs while the consumers work."""
-    at = gl.arange(0, RECORD, _record_layout(num_warps))
-    return (gl.where(at == 0, bh, 0) + gl.where(at == 1, start_m, 0) + gl.where(at == 2, slot, 0) +
-            gl.where(at == 3, full_first, 0) + gl.where(at == 4, n_full, 0) + gl.where(at == 5, part_first, 0) +
-            gl.where(at == 6, part_end, 0) + gl.where(at == 7, n_steps, 0))
-
-
-@gluon.jit
-def _field(record, n: gl.constexpr, num_warps: gl.constexpr):
-    """Field ``n`` of a record that ``_record`` made."""
-    return gl.sum(gl.where(gl.arange(0, RECORD, _record_layout(num_warps)) == n, record, 0), 0)
-
-
-@gluon.jit
-def _round_tile(r):
-    """The tile a persistent program takes in round ``r``: the programs take a round's tiles in
-    turn, forwards in even rounds and backwards in odd ones, so that tiles coming heaviest first
-    (``Q_ORDER``, every head's first block before any head's second) even out over the rounds."""
-    n = gl.num_programs(0)
-    p = gl.program_id(0)
-    if r % 2 == 1:
-        p = n - 1 - p
-    return r * n + p
-
-
-@gluon.jit
-def _fwd_load_tiles(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles, ONE_LOOP: gl.constexpr,
-                    TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The persistent load partition: per tile, its lists, then (once the consumers have freed a
-    Q buffer) its record and Q, then its K and V steps into the ring, whose count carries on from
-    tile to tile (``base``)."""
-    Q_BUFFERS: gl.constexpr = records.shape[0]
-    HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
-    base = 0
-    taken = 0
-    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
-        tile = _round_tile(r)
-        if tile < n_tiles:
-            bh = tile % n_bh
-            b, h, start_m, slot, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = \
-                _query_program_steps(T, tile // n_bh, bh, n_heads, q_len, n_q_blocks, ONE_LOOP, TRIM, N_MASK_HEADS,
-                                     BQ, BK, BLOCK_M, BLOCK_N)
-            buffer = taken % Q_BUFFERS
-            mbarrier.wait(q_empty.index(buffer), ((taken // Q_BUFFERS) & 1) ^ 1)  # starts as if a phase completed
-            records.index(buffer).store(_record(bh, start_m, slot, full_first, n_full, part_first, part_end,
-                                                n_steps, 1))
-            _partition_barrier()  # the record is written before Q's barrier says it is there
-            _q_load(q_desc, q_smem, q_ready.index(buffer), buffer * HALVES, b, h, start_m, n_steps, HALVES)
-            _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, h // group, full_idx,
-                     full_first, n_full, part_idx, part_first, part_end, n_steps, base, BK, BLOCK_N, STAGES)
-            base += n_steps
-            taken += 1
-
-
 @gluon.jit
 def _fwd_consume_tiles(q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, o_desc,
                        Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP: gl.constexpr, BK: gl.constexpr,
@@ -610,14 +636,12 @@ def _fwd_consume_tiles(q_smem, k_smem, v_smem, records, q_ready, q_empty, k_read
         if _round_tile(r) < n_tiles:
             buffer = taken % Q_BUFFERS
             mbarrier.wait(q_ready.index(buffer), (taken // Q_BUFFERS) & 1)
-            record = records.index(buffer).load(_record_layout(num_warps))
-            bh = _field(record, 0, num_warps)
-            n_steps = _field(record, 7, num_warps)
-            row_lo, row_hi = _row_spans(T, _field(record, 2, num_warps), q_len)
+            bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps = _read_record(records, buffer,
+                                                                                                 num_warps)
+            row_lo, row_hi = _row_spans(T, slot, q_len)
             _fwd_tile(q_smem.index(buffer * HALVES + ME), k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_desc,
-                      Lse, bh // n_heads, bh % n_heads, bh, _field(record, 1, num_warps) + ME * ROWS, q_len, row_lo,
-                      row_hi, full_idx, _field(record, 3, num_warps), _field(record, 4, num_warps), part_idx,
-                      _field(record, 5, num_warps), _field(record, 6, num_warps), n_steps, base, turn_base, qk_scale,
+                      Lse, bh // n_heads, bh % n_heads, bh, start_m + ME * ROWS, q_len, row_lo, row_hi, full_idx,
+                      full_first, n_full, part_idx, part_first, part_end, n_steps, base, turn_base, qk_scale,
                       ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, ME, TURNS, num_warps)
             mbarrier.arrive(q_empty.index(buffer), count=1)
             base += n_steps
@@ -656,19 +680,20 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, Lse, T, n_heads, g
             (_fwd_consume_tiles, (q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready,
                                   v_empty, o_desc, Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP, BK, ROWS,
                                   BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, 1, TURNS, ROWS // 16)),
-            (_fwd_load_tiles, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready,
-                               k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
-                               ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
+            (_tiles_load, (q_desc, None, k_desc, v_desc, q_smem, None, k_smem, v_smem, records, q_ready, q_empty,
+                           k_ready, k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
+                           ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
         ], [ROWS // 16, 1], [CONSUMER_REGS, LOAD_REGS])
     else:
         gl.warp_specialize([
             (_fwd_consume_tiles, (q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready, k_empty, v_ready,
                                   v_empty, o_desc, Lse, T, n_heads, q_len, n_tiles, qk_scale, ONE_LOOP, BK, ROWS,
                                   BLOCK_N, HEAD_D, STAGES, OVERLAP, FMA, turns, 0, False, num_warps)),
-            (_fwd_load_tiles, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, records, q_ready, q_empty, k_ready,
-                               k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
-                               ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
+            (_tiles_load, (q_desc, None, k_desc, v_desc, q_smem, None, k_smem, v_smem, records, q_ready, q_empty,
+                           k_ready, k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh, n_tiles,
+                           ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
         ], [1], [LOAD_REGS])
+
 
 # -- dQ -------------------------------------------------------------------------------------
 @gluon.jit
@@ -677,23 +702,19 @@ def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, r
              n_steps, BK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The load partition: Q and dO of the program's rows (one buffer each per consumer
     partition), then K and V of every step, ``STAGES`` buffers ahead."""
-    HALVES: gl.constexpr = q_smem.shape[0]
-    ROWS: gl.constexpr = q_desc.block_type.shape[2]
-    if start_m < q_len:  # every row gets its row terms, even one whose program has no step
-        mbarrier.expect(rows_bar, HALVES * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
-        for half in gl.static_range(HALVES):
-            _tma_load(q_desc, [b, h, start_m + half * ROWS, 0], rows_bar, q_smem.index(half))
-            _tma_load(do_desc, [b, h, start_m + half * ROWS, 0], rows_bar, do_smem.index(half))
+    # every row gets its row terms, even one whose program has no step
+    _rows_load(q_desc, do_desc, q_smem, do_smem, rows_bar, 0, b, h, start_m, start_m < q_len, q_smem.shape[0])
     _kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, kv_head, full_idx, full_first,
              n_full, part_idx, part_first, part_end, n_steps, 0, BK, BLOCK_N, STAGES)
 
 
 @gluon.jit
-def _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, i, s_zero, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+def _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, ring, s_zero, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                  STAGES: gl.constexpr):
-    """Issue step ``i``'s ``S = Q K^T`` and ``dP = dO V^T`` once its K and V are in."""
-    stage = i % STAGES
-    phase = (i // STAGES) & 1
+    """Issue a step's ``S = Q K^T`` and ``dP = dO V^T`` once its K and V are in (the ring's step
+    ``ring``)."""
+    stage = ring % STAGES
+    phase = (ring // STAGES) & 1
     mbarrier.wait(k_ready.index(stage), phase)
     s = warpgroup_mma(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
@@ -704,37 +725,39 @@ def _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, i, s_zero, BLOCK_N: gl
 
 
 @gluon.jit
-def _dq_ds(s, dp, lse2, delta, v_empty, i, n_full, start_n, lo, hi, whole_lo, whole_hi, qk_scale, dtype: gl.constexpr,
-           STAGES: gl.constexpr, ONE_LOOP: gl.constexpr, BLOCK_N: gl.constexpr, PENDING: gl.constexpr,
-           s_layout: gl.constexpr, ds_layout: gl.constexpr):
-    """Step ``i``'s ``dS = P (dP - delta)`` from its issued ``S`` and ``dP``, with ``PENDING``
-    products issued after them still running: ``P`` from the rows' LSE (``+inf`` on empty rows:
-    ``P = 0``), masked where the step needs it, while ``dP`` runs; V's buffer is released once
-    ``dP`` is in."""
+def _dq_ds(s, dp, lse2, delta, v_empty, i, ring, n_full, start_n, lo, hi, whole_lo, whole_hi, qk_scale,
+           dtype: gl.constexpr, STAGES: gl.constexpr, ONE_LOOP: gl.constexpr, BLOCK_N: gl.constexpr,
+           PENDING: gl.constexpr, s_layout: gl.constexpr, ds_layout: gl.constexpr):
+    """Step ``i``'s (the ring's step ``ring``) ``dS = P (dP - delta)`` from its issued ``S`` and
+    ``dP``, with ``PENDING`` products issued after them still running: ``P`` from the rows' LSE
+    (``+inf`` on empty rows: ``P = 0``), masked where the step needs it, while ``dP`` runs; V's
+    buffer is released once ``dP`` is in."""
     s = warpgroup_mma_wait(PENDING + 1, deps=(s, ))
     p = gl.exp2(s * qk_scale - lse2[:, None])
     p = _mask_step(p, 0.0, i, n_full, start_n, lo, hi, whole_lo, whole_hi, ONE_LOOP, BLOCK_N, s_layout)
     dp = warpgroup_mma_wait(PENDING, deps=(dp, ))
-    mbarrier.arrive(v_empty.index(i % STAGES), count=1)
+    mbarrier.arrive(v_empty.index(ring % STAGES), count=1)
     return gl.convert_layout((p * (dp - delta[:, None])).to(dtype), ds_layout)
 
 
 @gluon.jit
-def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_ready, v_empty, o_base, stride_om,
-                stride_od, Lse, dLse, Lse2, Delta, dq_base, stride_dqm, stride_dqd, bh, program_m, start_m, q_len,
-                row_lo, row_hi, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, qk_scale, scale,
-                ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr,
-                num_warps: gl.constexpr):
-    """A consumer partition, ``BLOCK_M`` rows from ``start_m`` (of the program's from
-    ``program_m``): the rows' LSE in base 2 and ``delta = rowsum(dO * O) - dLSE``, stored for the
-    dK/dV kernel; then per step ``S = Q K^T`` and ``dP = dO V^T``, ``P`` from the LSE (masked by
-    the rows' spans where the step needs it), ``dS = P (dP - delta)`` and ``dQ += dS K`` with dS
-    from registers. With ``OVERLAP`` step ``i`` issues its ``S`` and ``dP``, then step ``i - 1``'s
-    ``dQ += dS K``, which runs under step ``i``'s elementwise work; as in the forward, nothing is
-    in flight from one iteration of the loop to the next (ptxas serializes ``wgmma`` otherwise).
-    dQ (times ``scale``; with ``ADD_DQ`` added to what ``dQ`` holds, where the program has steps)
-    is stored with the rows past the end left out."""
+def _dq_tile(q_smem, do_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_base, stride_om, stride_od, Lse,
+             dLse, Lse2, Delta, dq_base, stride_dqm, stride_dqd, bh, program_m, start_m, q_len, row_lo, row_hi,
+             full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, base, qk_scale, scale,
+             ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr,
+             num_warps: gl.constexpr):
+    """A consumer partition's work on ``BLOCK_M`` rows from ``start_m`` (of the program's from
+    ``program_m``), whose Q and dO are in ``q_smem`` and ``do_smem``: the rows' LSE in base 2 and
+    ``delta = rowsum(dO * O) - dLSE``, stored for the dK/dV kernel; then per step ``S = Q K^T`` and
+    ``dP = dO V^T``, ``P`` from the LSE (masked by the rows' spans where the step needs it), ``dS =
+    P (dP - delta)`` and ``dQ += dS K`` with dS from registers. With ``OVERLAP`` step ``i`` issues
+    its ``S`` and ``dP``, then step ``i - 1``'s ``dQ += dS K``, which runs under step ``i``'s
+    elementwise work; as in the forward, nothing is in flight from one iteration of the loop to the
+    next (ptxas serializes ``wgmma`` otherwise). dQ (times ``scale``; with ``ADD_DQ`` added to what
+    ``dQ`` holds, where the program has steps) is stored with the rows past the end left out.
+    ``base``: the steps the K/V ring took before this program's (earlier tiles of a persistent
+    program)."""
     s_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[0]
     dq_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[1]
     ds_layout: gl.constexpr = _mma_layouts(num_warps, BLOCK_M, BLOCK_N, HEAD_D)[2]
@@ -748,7 +771,6 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_r
     dq = gl.zeros([BLOCK_M, HEAD_D], gl.float32, dq_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if program_m < q_len:
-        mbarrier.wait(rows_bar, 0)
         # O (read once, for delta: no buffer of its own) and dO in 16-byte segments of rows, their
         # row terms then moved to the scores' rows
         o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -762,29 +784,30 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_r
         lse2 = gl.convert_layout(lse2, rows_layout)
         delta = gl.convert_layout(delta, rows_layout)
         if n_steps > 0:
-            s, dp = _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, 0, s_zero, BLOCK_N, HEAD_D, STAGES)
+            s, dp = _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, base, s_zero, BLOCK_N, HEAD_D, STAGES)
             start_n = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
-            ds = _dq_ds(s, dp, lse2, delta, v_empty, 0, n_full, start_n, lo, hi, whole_lo, whole_hi, qk_scale, dtype,
-                        STAGES, ONE_LOOP, BLOCK_N, 0, s_layout, ds_layout)
+            ds = _dq_ds(s, dp, lse2, delta, v_empty, 0, base, n_full, start_n, lo, hi, whole_lo, whole_hi, qk_scale,
+                        dtype, STAGES, ONE_LOOP, BLOCK_N, 0, s_layout, ds_layout)
             for i in range(1, n_steps):
-                prev = (i - 1) % STAGES
+                prev = (base + i - 1) % STAGES
                 k_prev = k_smem.index(prev).reshape([BLOCK_N, HEAD_D])
                 if not OVERLAP:  # dQ += dS_{i-1} K_{i-1}, waited for before step i starts
                     dq = warpgroup_mma(ds, k_prev, dq)
                     mbarrier.arrive(k_empty.index(prev), count=1)
-                s, dp = _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, i, s_zero, BLOCK_N, HEAD_D, STAGES)
+                s, dp = _dq_products(q, do, k_smem, v_smem, k_ready, v_ready, base + i, s_zero, BLOCK_N, HEAD_D,
+                                     STAGES)
                 start_n = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BK, BLOCK_N)
                 if OVERLAP:  # S_i, dP_i, then dQ += dS_{i-1} K_{i-1}, which runs under dS_i's work
                     dq = warpgroup_mma(ds, k_prev, dq, is_async=True)
-                    ds_i = _dq_ds(s, dp, lse2, delta, v_empty, i, n_full, start_n, lo, hi, whole_lo, whole_hi,
-                                  qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_N, 1, s_layout, ds_layout)
+                    ds_i = _dq_ds(s, dp, lse2, delta, v_empty, i, base + i, n_full, start_n, lo, hi, whole_lo,
+                                  whole_hi, qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_N, 1, s_layout, ds_layout)
                     dq, ds = warpgroup_mma_wait(0, deps=(dq, ds))
                     mbarrier.arrive(k_empty.index(prev), count=1)
                     ds = ds_i
                 else:
-                    ds = _dq_ds(s, dp, lse2, delta, v_empty, i, n_full, start_n, lo, hi, whole_lo, whole_hi,
+                    ds = _dq_ds(s, dp, lse2, delta, v_empty, i, base + i, n_full, start_n, lo, hi, whole_lo, whole_hi,
                                 qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_N, 0, s_layout, ds_layout)
-            last = (n_steps - 1) % STAGES
+            last = (base + n_steps - 1) % STAGES
             dq = warpgroup_mma(ds, k_smem.index(last).reshape([BLOCK_N, HEAD_D]), dq)
             mbarrier.arrive(k_empty.index(last), count=1)
 
@@ -798,6 +821,22 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_r
             gl.store(at, dq + gl.load(at, mask=stored, other=0.0), mask=stored)
     else:
         gl.store(at, dq.to(dq_base.dtype.element_ty), mask=stored)
+
+
+@gluon.jit
+def _dq_consume(q_smem, do_smem, k_smem, v_smem, rows_bar, k_ready, k_empty, v_ready, v_empty, o_base, stride_om,
+                stride_od, Lse, dLse, Lse2, Delta, dq_base, stride_dqm, stride_dqd, bh, program_m, start_m, q_len,
+                row_lo, row_hi, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, qk_scale, scale,
+                ONE_LOOP: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr,
+                num_warps: gl.constexpr):
+    """A consumer partition of a dQ program of one tile: its rows' Q and dO, then its work
+    (``_dq_tile``)."""
+    mbarrier.wait(rows_bar, 0)
+    _dq_tile(q_smem, do_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_base, stride_om, stride_od, Lse,
+             dLse, Lse2, Delta, dq_base, stride_dqm, stride_dqd, bh, program_m, start_m, q_len, row_lo, row_hi,
+             full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, 0, qk_scale, scale, ONE_LOOP, BK,
+             BLOCK_M, BLOCK_N, HEAD_D, STAGES, OVERLAP, ADD_DQ, num_warps)
 
 
 @gluon.jit(do_not_specialize=["q_len", "kv_len"])
@@ -851,6 +890,93 @@ def _attn_bwd_dq_sm90(q_desc, do_desc, k_desc, v_desc, Out, Lse, dLse, Lse2, Del
                         v_ready, v_empty, b, h, h // group, start_m, q_len, full_idx, full_first, n_full, part_idx,
                         part_first, part_end, n_steps, BK, BLOCK_N,
                         STAGES)),  # constexprs stay constexprs only written in place
+        ], [1], [LOAD_REGS])
+
+
+@gluon.jit
+def _dq_consume_tiles(q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows_empty, k_ready, k_empty, v_ready,
+                      v_empty, Out, stride_ob, stride_oh, stride_om, stride_od, Lse, dLse, Lse2, Delta, dQ, stride_dqb,
+                      stride_dqh, stride_dqm, stride_dqd, T, n_heads, q_len, n_tiles, qk_scale, scale,
+                      ONE_LOOP: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr,
+                      ME: gl.constexpr, num_warps: gl.constexpr):
+    """A persistent dQ consumer partition (rows ``ME * ROWS`` on of each tile): per tile, waits
+    for its Q, dO and record, works on it (``_dq_tile``) and frees its row buffers."""
+    Q_BUFFERS: gl.constexpr = records.shape[0]
+    HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
+    full_idx = kernels._section(T, kernels.FWD_FULL_IDX)
+    part_idx = kernels._section(T, kernels.FWD_PART_IDX)
+    base = 0
+    taken = 0
+    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
+        if _round_tile(r) < n_tiles:
+            buffer = taken % Q_BUFFERS
+            mbarrier.wait(rows_ready.index(buffer), (taken // Q_BUFFERS) & 1)
+            bh, program_m, slot, full_first, n_full, part_first, part_end, n_steps = _read_record(records, buffer,
+                                                                                                   num_warps)
+            b = (bh // n_heads).to(gl.int64)
+            h = (bh % n_heads).to(gl.int64)
+            row_lo, row_hi = _row_spans(T, slot, q_len)
+            _dq_tile(q_smem.index(buffer * HALVES + ME), do_smem.index(buffer * HALVES + ME), k_smem, v_smem, k_ready,
+                     k_empty, v_ready, v_empty, Out + b * stride_ob + h * stride_oh, stride_om, stride_od, Lse, dLse,
+                     Lse2, Delta, dQ + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd, bh, program_m,
+                     program_m + ME * ROWS, q_len, row_lo, row_hi, full_idx, full_first, n_full, part_idx, part_first,
+                     part_end, n_steps, base, qk_scale, scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP,
+                     ADD_DQ, num_warps)
+            mbarrier.arrive(rows_empty.index(buffer), count=1)
+            base += n_steps
+            taken += 1
+
+
+@gluon.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_bwd_dq_sm90_persistent(q_desc, do_desc, k_desc, v_desc, Out, Lse, dLse, Lse2, Delta, dQ, T, stride_ob,
+                                 stride_oh, stride_om, stride_od, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                                 n_heads, group, q_len, kv_len, n_q_blocks, n_bh, qk_scale, scale,
+                                 ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr,
+                                 BQ: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                 HEAD_D: gl.constexpr, STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr,
+                                 OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, ADD_DQ: gl.constexpr,
+                                 num_warps: gl.constexpr):
+    """The dQ kernel as a persistent kernel (``DQ_PERSISTENT``), as the forward's
+    (``_attn_fwd_sm90_persistent``): its load warp reads the next tile's lists and copies its Q
+    and dO (into one of ``Q_BUFFERS`` pairs) while the consumers work on the tile before."""
+    dtype: gl.constexpr = q_desc.dtype
+    HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own rows and buffers
+    ROWS: gl.constexpr = BLOCK_M // HALVES
+    gl.static_assert(q_desc.block_type.shape[2] == ROWS, "Q and dO are copied in tiles of a partition's rows")
+    n_tiles = n_q_blocks * (BQ // BLOCK_M) * n_bh
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * HALVES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * HALVES] + do_desc.block_type.shape, do_desc.layout)
+    records = gl.allocate_shared_memory(gl.int32, [Q_BUFFERS, RECORD], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    rows_ready = _barriers(Q_BUFFERS, 1)
+    rows_empty = _barriers(Q_BUFFERS, HALVES)
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, STAGES, HALVES)
+    if PINGPONG:
+        gl.warp_specialize([
+            (_dq_consume_tiles, (q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows_empty, k_ready, k_empty,
+                                 v_ready, v_empty, Out, stride_ob, stride_oh, stride_om, stride_od, Lse, dLse, Lse2,
+                                 Delta, dQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, T, n_heads, q_len,
+                                 n_tiles, qk_scale, scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP,
+                                 ADD_DQ, 0, ROWS // 16)),
+            (_dq_consume_tiles, (q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows_empty, k_ready, k_empty,
+                                 v_ready, v_empty, Out, stride_ob, stride_oh, stride_om, stride_od, Lse, dLse, Lse2,
+                                 Delta, dQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, T, n_heads, q_len,
+                                 n_tiles, qk_scale, scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP,
+                                 ADD_DQ, 1, ROWS // 16)),
+            (_tiles_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, records, rows_ready,
+                           rows_empty, k_ready, k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh,
+                           n_tiles, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
+        ], [ROWS // 16, 1], [CONSUMER_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_dq_consume_tiles, (q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows_empty, k_ready, k_empty,
+                                 v_ready, v_empty, Out, stride_ob, stride_oh, stride_om, stride_od, Lse, dLse, Lse2,
+                                 Delta, dQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, T, n_heads, q_len,
+                                 n_tiles, qk_scale, scale, ONE_LOOP, BK, ROWS, BLOCK_N, HEAD_D, STAGES, OVERLAP,
+                                 ADD_DQ, 0, num_warps)),
+            (_tiles_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, records, rows_ready,
+                           rows_empty, k_ready, k_empty, v_ready, v_empty, T, n_heads, group, q_len, n_q_blocks, n_bh,
+                           n_tiles, ONE_LOOP, TRIM, N_MASK_HEADS, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
         ], [1], [LOAD_REGS])
 
 

@@ -211,7 +211,7 @@ def _sm90_forward_launch(structure: Structure, q, k, v) -> Launch:
     kernel = hopper._attn_fwd_sm90
     if hopper.PERSISTENT:  # a program per multiprocessor, taking the tiles of that grid in rounds
         kernel = hopper._attn_fwd_sm90_persistent
-        fixed.update(n_bh=grid[1], Q_BUFFERS=_q_buffers(block_m, block_n, stages, q.shape[-1]))
+        fixed.update(n_bh=grid[1], Q_BUFFERS=_q_buffers(1, block_m, block_n, stages, q.shape[-1]))
         grid = (min(grid[0] * grid[1], multiprocessors(q.device)), 1, 1)
     return Launch(kernel, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"), config,
                   {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)
@@ -226,11 +226,11 @@ def multiprocessors(device: torch.device) -> int:
 SM90_SHARED_BYTES = 227 * 1024
 
 
-def _q_buffers(block_m: int, block_n: int, stages: int, head_d: int) -> int:
-    """Q buffers of the persistent forward: two (the next tile's Q is copied while this tile's
-    is read) where they fit in shared memory beside the K/V ring (16-bit tiles), else one (as at
-    head dim 256)."""
-    return 2 if (2 * block_m + 2 * stages * block_n) * head_d * 2 <= SM90_SHARED_BYTES - 1024 else 1
+def _q_buffers(row_tiles: int, block_m: int, block_n: int, stages: int, head_d: int) -> int:
+    """Row buffers of a persistent query program, each of ``row_tiles`` tiles (the forward's Q;
+    dQ's Q and dO): two (the next tile's rows are copied while this tile's are read) where they
+    fit in shared memory beside the K/V ring (16-bit tiles), else one (as at head dim 256)."""
+    return 2 if (2 * row_tiles * block_m + 2 * stages * block_n) * head_d * 2 <= SM90_SHARED_BYTES - 1024 else 1
 
 
 def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
@@ -247,7 +247,12 @@ def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
                  ADD_DQ=dq.dtype == torch.float32,  # ``backward``'s dq_sum: inputs here are 16-bit
                  maxnreg=hopper.MAX_REGS)
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
-    return Launch(hopper._attn_bwd_dq_sm90, grid, fixed,
+    kernel = hopper._attn_bwd_dq_sm90
+    if hopper.DQ_PERSISTENT:  # as the forward's
+        kernel = hopper._attn_bwd_dq_sm90_persistent
+        fixed.update(n_bh=grid[1], Q_BUFFERS=_q_buffers(2, block_m, block_n, stages, q.shape[-1]))
+        grid = (min(grid[0] * grid[1], multiprocessors(q.device)), 1, 1)
+    return Launch(kernel, grid, fixed,
                   ("q_desc", "k_desc", "v_desc", "Out", "do_desc", "dQ", "Lse", "dLse", "Lse2", "Delta", "T",
                    "qk_scale", "scale"), config,
                   {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "do_desc": rows}, True, _describe)

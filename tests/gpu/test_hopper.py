@@ -125,28 +125,27 @@ def test_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
     check_both(cm, q, k, v, monkeypatch)
 
 
-@pytest.mark.parametrize("programs", [None, 3])
-@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("pingpong, programs", [(True, None), (True, 3), (False, 3)])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("name", CASES)
-def test_persistent_forward(name, head_dim, pingpong, programs, monkeypatch):
-    """The persistent forward (``PERSISTENT``) with a program per multiprocessor, or with 3
-    programs, each of which then takes many tiles: every Q buffer and K/V stage goes round many
-    times, and tiles with no step come between others."""
-    monkeypatch.setattr(launch._hopper(), "PERSISTENT", True)
-    monkeypatch.setattr(launch._hopper(), "PINGPONG", pingpong)
+def test_persistent_kernels(name, head_dim, pingpong, programs, monkeypatch):
+    """The persistent forward and dQ kernels (``PERSISTENT``, ``DQ_PERSISTENT``) with a program
+    per multiprocessor, or with 3 programs, each of which then takes many tiles: every row buffer
+    and K/V stage goes round many times, and tiles with no step come between others."""
+    for setting, value in dict(PERSISTENT=True, DQ_PERSISTENT=True, PINGPONG=pingpong, DQ_PINGPONG=pingpong).items():
+        monkeypatch.setattr(launch._hopper(), setting, value)
     if programs is not None:
         monkeypatch.setattr(launch, "multiprocessors", lambda device: programs)
     monkeypatch.setattr(launch, "_launches", {})
     mask, q_len, kv_len = CASES[name]
     cm = maskc.compile(maskc.Spec(q_len=q_len, kv_len=kv_len, mask=mask(q_len)))
-    check(cm, *inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16), monkeypatch)
+    check_both(cm, *inputs(q_len, kv_len, 4, 2, head_dim, torch.bfloat16), monkeypatch)
 
 
 #: The schedule variants the benchmark times (``hopper.py`` settings), which must give the same results.
 SCHEDULES = {"no overlap": {"OVERLAP": False, "DQ_OVERLAP": False, "DKDV_OVERLAP": False},
              "FMA softmax": {"FMA_SOFTMAX": True}, "turns": {"TURNS": True},
-             "persistent, turns": {"PERSISTENT": True, "TURNS": True}}
+             "persistent, turns": {"PERSISTENT": True, "TURNS": True, "DQ_PERSISTENT": True}}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
