@@ -52,7 +52,9 @@ next tile's lists and copies its Q into a second buffer (where shared memory has
 head dims 64 and 128) while the consumers still work on the tile before, and hands them the
 tile in a record in shared memory; the K/V ring runs on from tile to tile. The dQ kernel has
 the same variant (``_attn_bwd_dq_sm90_persistent``, ``DQ_PERSISTENT``), whose load warp copies
-each next tile's Q and dO.
+each next tile's Q and dO, and so has dK/dV (``_attn_bwd_dkdv_sm90_persistent``,
+``DKDV_PERSISTENT``), whose load warp copies the next tile's K and V into a second buffer pair
+and hands the consumers each query head's lists in a ring of two records.
 
 The dQ kernel (``_attn_bwd_dq_sm90``, opt-in with dK/dV: ``MASKC_GLUON_BACKWARD=1``) walks the
 forward's lists with the forward's schedule: its load warp copies the rows' Q and dO once, then
@@ -129,6 +131,10 @@ DQ_PINGPONG = True
 #: Run the dQ kernel as a persistent kernel (``_attn_bwd_dq_sm90_persistent``), as ``PERSISTENT``
 #: does the forward. Off until a GPU run measures it ("sm90 dQ persistent").
 DQ_PERSISTENT = False
+#: Run the dK/dV kernel as a persistent kernel (``_attn_bwd_dkdv_sm90_persistent``): its load
+#: warp copies the next tile's K and V into a second buffer pair while the consumers finish the
+#: tile before. Off until a GPU run measures it ("sm90 dK/dV persistent").
+DKDV_PERSISTENT = False
 
 #: Registers a thread of the load warp keeps (it walks lists and issues copies); the consumers
 #: get the rest of the multiprocessor's.
@@ -357,8 +363,8 @@ def _rows_load(q_desc, do_desc, q_smem, do_smem, bar, first, b, h, start_m, copy
 
 
 # -- persistent programs --------------------------------------------------------------------
-#: Fields of a tile's record (``_record``), which a persistent query program's load warp writes
-#: for its consumers: batch and head, first row, slot, FULL list start and count, PARTIAL steps, steps.
+#: Fields of a record (``_record``), in which a persistent program's load warp hands its consumers
+#: what they need of the next tile (in dK/dV, of the next query head's lists).
 RECORD = gl.constexpr(8)
 
 
@@ -369,13 +375,15 @@ def _record_layout(num_warps):
 
 
 @gluon.jit
-def _record(bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps, num_warps: gl.constexpr):
-    """A tile's record: what a consumer needs of it, which the tables give only through a chain of
-    dependent loads (``_query_program_steps``) that the load warp runs while the consumers work."""
+def _record(f0, f1, f2, f3, f4, f5, f6, f7, num_warps: gl.constexpr):
+    """A record of eight fields (``_read_record`` gives them back): what a consumer needs of a
+    tile, which the tables give only through a chain of dependent loads that the load warp runs
+    while the consumers work. Query programs (``_tiles_load``): batch and head, first row, slot,
+    FULL list start and count, PARTIAL steps, steps; dK/dV: ``_dkdv_load_tiles``."""
     at = gl.arange(0, RECORD, _record_layout(num_warps))
-    return (gl.where(at == 0, bh, 0) + gl.where(at == 1, start_m, 0) + gl.where(at == 2, slot, 0) +
-            gl.where(at == 3, full_first, 0) + gl.where(at == 4, n_full, 0) + gl.where(at == 5, part_first, 0) +
-            gl.where(at == 6, part_end, 0) + gl.where(at == 7, n_steps, 0))
+    return (gl.where(at == 0, f0, 0) + gl.where(at == 1, f1, 0) + gl.where(at == 2, f2, 0) +
+            gl.where(at == 3, f3, 0) + gl.where(at == 4, f4, 0) + gl.where(at == 5, f5, 0) + gl.where(at == 6, f6, 0) +
+            gl.where(at == 7, f7, 0))
 
 
 @gluon.jit
@@ -385,11 +393,15 @@ def _field(record, at, n: gl.constexpr):
 
 
 @gluon.jit
-def _read_record(records, buffer, num_warps: gl.constexpr):
-    """The fields of the record in ``records[buffer]``, in ``_record``'s order."""
+def _take_record(records, ready, taken, num_warps: gl.constexpr):
+    """The buffer of the ``taken``-th record a consumer takes from the ring ``records`` (one a
+    tile, or in dK/dV a query head), once its ``ready`` barrier says it is there, and its fields
+    in ``_record``'s order."""
+    buffer = taken % records.shape[0]
+    mbarrier.wait(ready.index(buffer), (taken // records.shape[0]) & 1)
     record = records.index(buffer).load(_record_layout(num_warps))
     at = gl.arange(0, RECORD, _record_layout(num_warps))
-    return (_field(record, at, 0), _field(record, at, 1), _field(record, at, 2), _field(record, at, 3),
+    return (buffer, _field(record, at, 0), _field(record, at, 1), _field(record, at, 2), _field(record, at, 3),
             _field(record, at, 4), _field(record, at, 5), _field(record, at, 6), _field(record, at, 7))
 
 
@@ -634,10 +646,8 @@ def _fwd_consume_tiles(q_smem, k_smem, v_smem, records, q_ready, q_empty, k_read
     taken = 0
     for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
         if _round_tile(r) < n_tiles:
-            buffer = taken % Q_BUFFERS
-            mbarrier.wait(q_ready.index(buffer), (taken // Q_BUFFERS) & 1)
-            bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps = _read_record(records, buffer,
-                                                                                                 num_warps)
+            buffer, bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps = _take_record(
+                records, q_ready, taken, num_warps)
             row_lo, row_hi = _row_spans(T, slot, q_len)
             _fwd_tile(q_smem.index(buffer * HALVES + ME), k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_desc,
                       Lse, bh // n_heads, bh % n_heads, bh, start_m + ME * ROWS, q_len, row_lo, row_hi, full_idx,
@@ -910,10 +920,8 @@ def _dq_consume_tiles(q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows
     taken = 0
     for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
         if _round_tile(r) < n_tiles:
-            buffer = taken % Q_BUFFERS
-            mbarrier.wait(rows_ready.index(buffer), (taken // Q_BUFFERS) & 1)
-            bh, program_m, slot, full_first, n_full, part_first, part_end, n_steps = _read_record(records, buffer,
-                                                                                                   num_warps)
+            buffer, bh, program_m, slot, full_first, n_full, part_first, part_end, n_steps = _take_record(
+                records, rows_ready, taken, num_warps)
             b = (bh // n_heads).to(gl.int64)
             h = (bh % n_heads).to(gl.int64)
             row_lo, row_hi = _row_spans(T, slot, q_len)
@@ -982,40 +990,73 @@ def _attn_bwd_dq_sm90_persistent(q_desc, do_desc, k_desc, v_desc, Out, Lse, dLse
 
 # -- dK/dV ----------------------------------------------------------------------------------
 @gluon.jit
+def _dkdv_kv_load(k_desc, v_desc, k_smem, v_smem, bar, first, b, kv_head, start_n, copy, HALVES: gl.constexpr):
+    """A dK/dV program's K and V into buffers ``first`` to ``first + HALVES`` of each (one per
+    consumer partition), completing ``bar``; where ``copy`` is false (keys nobody attends, keys
+    past the end) nothing is copied and ``bar`` only completes."""
+    ROWS: gl.constexpr = k_desc.block_type.shape[2]
+    if copy:
+        mbarrier.expect(bar, HALVES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+        for half in gl.static_range(HALVES):
+            _tma_load(k_desc, [b, kv_head, start_n + half * ROWS, 0], bar, k_smem.index(first + half))
+            _tma_load(v_desc, [b, kv_head, start_n + half * ROWS, 0], bar, v_smem.index(first + half))
+    else:
+        mbarrier.arrive(bar, count=1)
+
+
+@gluon.jit
+def _dkdv_head_steps(T, slot, kb, n_kv_blocks, start_n, kv_len, listed, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr,
+                     BQ: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """A dK/dV program's query steps for one query head of slot ``slot`` (``_program_steps``),
+    and how many there are (none where the program's key head has no tile: ``listed`` 0)."""
+    full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
+        T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
+    n_steps = n_full + part_end - part_first
+    if listed == 0:
+        n_steps = 0
+    return full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps
+
+
+@gluon.jit
+def _dkdv_head_load(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, empty, b, h,
+                    n_heads, q_len, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, it,
+                    BQ: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """Q, dO and the rows' LSE and delta of query head ``h``'s steps into the ring, from its
+    position ``it``, ``STAGES`` buffers ahead. Rows past the end of a head read the next head's
+    LSE and delta: every step that holds such rows is masked (the plan lists it PARTIAL), so
+    their ``P`` is 0."""
+    for i in range(n_steps):
+        start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
+        stage = (it + i) % STAGES
+        mbarrier.wait(empty.index(stage), (((it + i) // STAGES) & 1) ^ 1)  # starts as if a phase completed
+        mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes +
+                        lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
+        _tma_load(q_desc, [b, h, start_m, 0], ready.index(stage), q_smem.index(stage))
+        _tma_load(do_desc, [b, h, start_m, 0], ready.index(stage), do_smem.index(stage))
+        row = (b * n_heads + h) * q_len + start_m
+        _tma_load(lse_desc, [row], ready.index(stage), lse_smem.index(stage))
+        _tma_load(delta_desc, [row], ready.index(stage), delta_smem.index(stage))
+
+
+@gluon.jit
 def _dkdv_load(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                delta_smem, kv_bar, ready, empty, T, b, kv_head, group, n_heads, kb, start_n, q_len, kv_len,
                n_kv_blocks, listed, N_MASK_HEADS: gl.constexpr, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr,
                BQ: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The load partition: K and V once (one tile per consumer partition), then Q, dO and the
-    rows' LSE and delta of every query step of every query head sharing the key head, ``STAGES``
-    buffers ahead. Rows past the end of a head read the next head's LSE and delta: every step
-    that holds such rows is masked (the plan lists it PARTIAL), so their ``P`` is 0."""
-    HALVES: gl.constexpr = k_smem.shape[0]
-    ROWS: gl.constexpr = k_desc.block_type.shape[2]
-    if listed > 0:
-        mbarrier.expect(kv_bar, HALVES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-        for half in gl.static_range(HALVES):
-            _tma_load(k_desc, [b, kv_head, start_n + half * ROWS, 0], kv_bar, k_smem.index(half))
-            _tma_load(v_desc, [b, kv_head, start_n + half * ROWS, 0], kv_bar, v_smem.index(half))
-        head_slot = kernels._section(T, kernels.HEAD_SLOT)
-        it = 0
-        for g in range(group):
-            h = kv_head * group + g
-            slot = gl.load(head_slot + h % N_MASK_HEADS)
-            full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
-                T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
-            for i in range(n_full + part_end - part_first):
-                start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
-                stage = it % STAGES
-                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)  # starts as if a phase completed
-                mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes +
-                                lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
-                _tma_load(q_desc, [b, h, start_m, 0], ready.index(stage), q_smem.index(stage))
-                _tma_load(do_desc, [b, h, start_m, 0], ready.index(stage), do_smem.index(stage))
-                row = (b * n_heads + h) * q_len + start_m
-                _tma_load(lse_desc, [row], ready.index(stage), lse_smem.index(stage))
-                _tma_load(delta_desc, [row], ready.index(stage), delta_smem.index(stage))
-                it += 1
+    """The load partition: K and V once (one tile per consumer partition), then the steps of
+    every query head sharing the key head (``_dkdv_head_load``)."""
+    _dkdv_kv_load(k_desc, v_desc, k_smem, v_smem, kv_bar, 0, b, kv_head, start_n, listed > 0, k_smem.shape[0])
+    head_slot = kernels._section(T, kernels.HEAD_SLOT)
+    it = 0
+    for g in range(group):
+        h = kv_head * group + g
+        full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = _dkdv_head_steps(
+            T, gl.load(head_slot + h % N_MASK_HEADS), kb, n_kv_blocks, start_n, kv_len, listed, ONE_LOOP, TRIM, BQ,
+            BLOCK_M, BLOCK_N)
+        _dkdv_head_load(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, empty, b,
+                        h, n_heads, q_len, full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps, it,
+                        BQ, BLOCK_M, STAGES)
+        it += n_steps
 
 
 @gluon.jit
@@ -1053,87 +1094,108 @@ def _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it, i, n_full, start_m, col_lo, c
 
 
 @gluon.jit
+def _dkdv_head(k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, it, full_idx, full_first, n_full,
+               part_idx, part_first, part_end, n_steps, col_lo, col_hi, whole_lo, whole_hi, qk_scale,
+               ONE_LOOP: gl.constexpr, BQ: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+               STAGES: gl.constexpr, OVERLAP: gl.constexpr, st_layout: gl.constexpr, op_layout: gl.constexpr):
+    """``dk`` and ``dv`` of a consumer partition's keys (``k``, ``v``; masked by their spans
+    ``col_lo``/``col_hi``) plus one query head's steps, from the ring's position ``it``: per step
+    ``S^T = K Q^T`` and ``dP^T = V dO^T``, ``P^T`` from the saved LSE, ``dS^T = P^T (dP^T -
+    delta)``, ``dV += P^T dO`` and ``dK += dS^T Q``. With ``OVERLAP`` step ``i`` issues its
+    ``S^T`` and ``dP^T``, then step ``i - 1``'s ``dV`` and ``dK`` products, which run under step
+    ``i``'s elementwise work; nothing is in flight from one iteration of the loop to the next
+    (ptxas serializes ``wgmma`` otherwise)."""
+    dtype: gl.constexpr = q_smem.dtype
+    ROWS: gl.constexpr = k.shape[0]
+    st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout)
+    if n_steps > 0:
+        s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M, HEAD_D, STAGES)
+        start_m = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
+        p_op, ds_op = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it, 0, n_full, start_m, col_lo, col_hi, whole_lo,
+                                whole_hi, qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_M, 0, st_layout, op_layout)
+        for i in range(1, n_steps):
+            prev = (it + i - 1) % STAGES
+            q_prev = q_smem.index(prev).reshape([BLOCK_M, HEAD_D])
+            do_prev = do_smem.index(prev).reshape([BLOCK_M, HEAD_D])
+            if not OVERLAP:  # dV and dK of step i - 1, waited for before step i starts
+                dv = warpgroup_mma(p_op, do_prev, dv)
+                dk = warpgroup_mma(ds_op, q_prev, dk)
+                mbarrier.arrive(empty.index(prev), count=1)
+            s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it + i, st_zero, BLOCK_M, HEAD_D, STAGES)
+            start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
+            if OVERLAP:  # S^T_i, dP^T_i, then dV and dK of step i - 1, under step i's work
+                dv = warpgroup_mma(p_op, do_prev, dv, is_async=True)
+                dk = warpgroup_mma(ds_op, q_prev, dk, is_async=True)
+                p_i, ds_i = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it + i, i, n_full, start_m, col_lo, col_hi,
+                                      whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_M, 2, st_layout,
+                                      op_layout)
+                dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+                mbarrier.arrive(empty.index(prev), count=1)
+                p_op = p_i
+                ds_op = ds_i
+            else:
+                p_op, ds_op = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it + i, i, n_full, start_m, col_lo, col_hi,
+                                        whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_M, 0, st_layout,
+                                        op_layout)
+        last = (it + n_steps - 1) % STAGES
+        dv = warpgroup_mma(p_op, do_smem.index(last).reshape([BLOCK_M, HEAD_D]), dv)
+        dk = warpgroup_mma(ds_op, q_smem.index(last).reshape([BLOCK_M, HEAD_D]), dk)
+        mbarrier.arrive(empty.index(last), count=1)
+    return dk, dv
+
+
+@gluon.jit
+def _key_spans(T, slot, keys, kv_len):
+    """The spans of ``keys`` under slot ``slot``, and the largest start and smallest end (``_spans``)."""
+    spans_at = slot.to(gl.int64) * kv_len
+    return _spans(kernels._section(T, kernels.COL_LO) + spans_at, kernels._section(T, kernels.COL_HI) + spans_at, keys,
+                  kv_len)
+
+
+@gluon.jit
+def _dkdv_store(k_smem, v_smem, dk, dv, dk_desc, dv_desc, b, kv_head, keys_at, scale):
+    """dK (times ``scale``) and dV of a consumer partition's keys from ``keys_at``, copied out
+    through its K and V buffers (free: every product that read them has completed); keys past
+    the end are clipped."""
+    dtype: gl.constexpr = k_smem.dtype
+    k_smem.reshape(dk.shape).store((dk * scale).to(dtype))
+    v_smem.reshape(dv.shape).store(dv.to(dtype))
+    fence_async_shared()
+    _tma_store(dk_desc, [b, kv_head, keys_at, 0], k_smem)
+    _tma_store(dv_desc, [b, kv_head, keys_at, 0], v_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
 def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, ready, empty, dk_desc, dv_desc, T,
                   b, kv_head, group, kb, start_n, keys_at, kv_len, n_kv_blocks, listed, qk_scale, scale,
                   N_MASK_HEADS: gl.constexpr, ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, BQ: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, HEAD_D: gl.constexpr,
                   STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """A consumer partition, ``ROWS`` keys (from ``keys_at``, its K/V buffers ``k_smem`` and
-    ``v_smem``) down and a step's queries across: per step ``S^T = K Q^T`` and ``dP^T = V dO^T``,
-    ``P^T`` from the saved LSE, ``dS^T = P^T (dP^T - delta)``, ``dV += P^T dO`` and ``dK += dS^T
-    Q``; dK and dV stay in registers until the program's last step. With ``OVERLAP`` step ``i``
-    issues its ``S^T`` and ``dP^T``, then step ``i - 1``'s ``dV`` and ``dK`` products, which run
-    under step ``i``'s elementwise work; nothing is in flight from one iteration of the loop to
-    the next (ptxas serializes ``wgmma`` otherwise)."""
+    ``v_smem``) down and a step's queries across: dK and dV over the steps of every query head
+    sharing the key head (``_dkdv_head``), in registers until the program's last step."""
     st_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[0]
     acc_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[1]
     op_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[2]
-    keys_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
-    dtype: gl.constexpr = k_smem.dtype
     k = k_smem.reshape([ROWS, HEAD_D])
     v = v_smem.reshape([ROWS, HEAD_D])
-
-    keys = keys_at + gl.arange(0, ROWS, keys_layout)
+    keys = keys_at + gl.arange(0, ROWS, gl.SliceLayout(1, st_layout))
     dk = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
-    st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout)
-    if listed > 0:
-        mbarrier.wait(kv_bar, 0)
-        head_slot = kernels._section(T, kernels.HEAD_SLOT)
-        it = 0  # the program's steps so far, over the heads: the ring's position
-        for g in range(group):  # the query heads that share this key head
-            h = kv_head * group + g
-            slot = gl.load(head_slot + h % N_MASK_HEADS)
-            full_idx, full_first, n_full, part_idx, part_first, part_end = _program_steps(
-                T, slot, kb, n_kv_blocks, start_n, kv_len, False, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
-            spans_at = slot.to(gl.int64) * kv_len
-            col_lo, col_hi, whole_lo, whole_hi = _spans(kernels._section(T, kernels.COL_LO) + spans_at,
-                                                        kernels._section(T, kernels.COL_HI) + spans_at, keys, kv_len)
-            n_steps = n_full + part_end - part_first
-            if n_steps > 0:
-                s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it, st_zero, BLOCK_M, HEAD_D, STAGES)
-                start_m = _step_key(0, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ, BLOCK_M)
-                p_op, ds_op = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it, 0, n_full, start_m, col_lo, col_hi,
-                                        whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP, BLOCK_M, 0, st_layout,
-                                        op_layout)
-                for i in range(1, n_steps):
-                    prev = (it + i - 1) % STAGES
-                    q_prev = q_smem.index(prev).reshape([BLOCK_M, HEAD_D])
-                    do_prev = do_smem.index(prev).reshape([BLOCK_M, HEAD_D])
-                    if not OVERLAP:  # dV and dK of step i - 1, waited for before step i starts
-                        dv = warpgroup_mma(p_op, do_prev, dv)
-                        dk = warpgroup_mma(ds_op, q_prev, dk)
-                        mbarrier.arrive(empty.index(prev), count=1)
-                    s_t, dp_t = _dkdv_products(k, v, q_smem, do_smem, ready, it + i, st_zero, BLOCK_M, HEAD_D,
-                                               STAGES)
-                    start_m = _step_key(i, n_full, full_idx, full_first, part_idx, part_first, part_end, BQ,
-                                        BLOCK_M)
-                    if OVERLAP:  # S^T_i, dP^T_i, then dV and dK of step i - 1, under step i's work
-                        dv = warpgroup_mma(p_op, do_prev, dv, is_async=True)
-                        dk = warpgroup_mma(ds_op, q_prev, dk, is_async=True)
-                        p_i, ds_i = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it + i, i, n_full, start_m, col_lo,
-                                              col_hi, whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP,
-                                              BLOCK_M, 2, st_layout, op_layout)
-                        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
-                        mbarrier.arrive(empty.index(prev), count=1)
-                        p_op = p_i
-                        ds_op = ds_i
-                    else:
-                        p_op, ds_op = _dkdv_pds(s_t, dp_t, lse_smem, delta_smem, it + i, i, n_full, start_m, col_lo,
-                                                col_hi, whole_lo, whole_hi, qk_scale, dtype, STAGES, ONE_LOOP,
-                                                BLOCK_M, 0, st_layout, op_layout)
-                last = (it + n_steps - 1) % STAGES
-                dv = warpgroup_mma(p_op, do_smem.index(last).reshape([BLOCK_M, HEAD_D]), dv)
-                dk = warpgroup_mma(ds_op, q_smem.index(last).reshape([BLOCK_M, HEAD_D]), dk)
-                mbarrier.arrive(empty.index(last), count=1)
-            it += n_steps
-
-    k.store((dk * scale).to(dtype))  # K's and V's buffers are free: every product that read them completed
-    v.store(dv.to(dtype))
-    fence_async_shared()
-    _tma_store(dk_desc, [b, kv_head, keys_at, 0], k_smem)  # keys past the end are clipped
-    _tma_store(dv_desc, [b, kv_head, keys_at, 0], v_smem)
-    tma.store_wait(0)
+    mbarrier.wait(kv_bar, 0)
+    head_slot = kernels._section(T, kernels.HEAD_SLOT)
+    it = 0  # the program's steps so far, over the heads: the ring's position
+    for g in range(group):  # the query heads that share this key head
+        slot = gl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS)
+        full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = _dkdv_head_steps(
+            T, slot, kb, n_kv_blocks, start_n, kv_len, listed, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
+        col_lo, col_hi, whole_lo, whole_hi = _key_spans(T, slot, keys, kv_len)
+        dk, dv = _dkdv_head(k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, it, full_idx,
+                            full_first, n_full, part_idx, part_first, part_end, n_steps, col_lo, col_hi, whole_lo,
+                            whole_hi, qk_scale, ONE_LOOP, BQ, BLOCK_M, HEAD_D, STAGES, OVERLAP, st_layout, op_layout)
+        it += n_steps
+    _dkdv_store(k_smem, v_smem, dk, dv, dk_desc, dv_desc, b, kv_head, keys_at, scale)
 
 
 @gluon.jit(do_not_specialize=["q_len", "kv_len"])
@@ -1147,7 +1209,7 @@ def _attn_bwd_dkdv_sm90(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_d
     bh = gl.program_id(1)
     b = bh // n_kv_heads
     kv_head = bh % n_kv_heads
-    kb, start_n = kernels._key_program(T, BK, BLOCK_N)
+    kb, start_n = kernels._key_program(T, gl.program_id(0), BK, BLOCK_N)
     listed = kernels._group_listed(T, kb, kv_head, group, n_kv_blocks, N_MASK_HEADS, ONE_LOOP)  # 0: K/V never read
     if start_n >= kv_len:
         listed = 0
@@ -1191,4 +1253,163 @@ def _attn_bwd_dkdv_sm90(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_d
                           lse_smem, delta_smem, kv_bar, ready, empty, T, b, kv_head, group, n_heads, kb, start_n,
                           q_len, kv_len, n_kv_blocks, listed, N_MASK_HEADS, ONE_LOOP, TRIM,
                           BQ, BLOCK_M, BLOCK_N, STAGES)),  # constexprs stay constexprs only written in place
+        ], [1], [LOAD_REGS])
+
+
+@gluon.jit
+def _dkdv_load_tiles(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                     delta_smem, records, kv_ready, kv_empty, head_ready, head_empty, ready, empty, T, n_heads,
+                     n_kv_heads, group, q_len, kv_len, n_kv_blocks, n_bkv, n_tiles, N_MASK_HEADS: gl.constexpr,
+                     ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The persistent dK/dV load partition: per tile (a key program of one batch and key head),
+    its K and V into a free buffer pair, then per query head sharing the key head a record
+    (``_record``: first key, slot, FULL list start and count, PARTIAL steps, steps) in a ring of
+    its own and the head's steps (``_dkdv_head_load``) into the Q/dO ring, whose position
+    carries on from tile to tile."""
+    KV_BUFFERS: gl.constexpr = kv_ready.shape[0]
+    HALVES: gl.constexpr = k_smem.shape[0] // KV_BUFFERS
+    RECORDS: gl.constexpr = records.shape[0]
+    head_slot = kernels._section(T, kernels.HEAD_SLOT)
+    it = 0
+    taken = 0
+    heads = 0
+    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
+        tile = _round_tile(r)
+        if tile < n_tiles:
+            bkv = tile % n_bkv
+            b = bkv // n_kv_heads
+            kv_head = bkv % n_kv_heads
+            kb, start_n = kernels._key_program(T, tile // n_bkv, BK, BLOCK_N)
+            listed = kernels._group_listed(T, kb, kv_head, group, n_kv_blocks, N_MASK_HEADS, ONE_LOOP)
+            if start_n >= kv_len:
+                listed = 0
+            buffer = taken % KV_BUFFERS
+            mbarrier.wait(kv_empty.index(buffer), ((taken // KV_BUFFERS) & 1) ^ 1)  # starts as if a phase completed
+            _dkdv_kv_load(k_desc, v_desc, k_smem, v_smem, kv_ready.index(buffer), buffer * HALVES, b, kv_head, start_n,
+                          listed > 0, HALVES)
+            for g in range(group):
+                h = kv_head * group + g
+                slot = gl.load(head_slot + h % N_MASK_HEADS)
+                full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = _dkdv_head_steps(
+                    T, slot, kb, n_kv_blocks, start_n, kv_len, listed, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
+                at = heads % RECORDS
+                mbarrier.wait(head_empty.index(at), ((heads // RECORDS) & 1) ^ 1)
+                records.index(at).store(_record(start_n, slot, full_first, n_full, part_first, part_end, n_steps, 0, 1))
+                _partition_barrier()  # the record is written before its barrier says it is there
+                mbarrier.arrive(head_ready.index(at), count=1)
+                _dkdv_head_load(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                empty, b, h, n_heads, q_len, full_idx, full_first, n_full, part_idx, part_first,
+                                part_end, n_steps, it, BQ, BLOCK_M, STAGES)
+                it += n_steps
+                heads += 1
+            taken += 1
+
+
+@gluon.jit
+def _dkdv_consume_tiles(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, records, kv_ready, kv_empty, head_ready,
+                        head_empty, ready, empty, dk_desc, dv_desc, T, n_kv_heads, group, kv_len, n_bkv, n_tiles,
+                        qk_scale, scale, ONE_LOOP: gl.constexpr, BQ: gl.constexpr, BLOCK_M: gl.constexpr,
+                        ROWS: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                        ME: gl.constexpr, num_warps: gl.constexpr):
+    """A persistent dK/dV consumer partition (keys ``ME * ROWS`` on of each tile): per tile, waits
+    for its K and V, takes each query head's record (``_dkdv_load_tiles``) and steps
+    (``_dkdv_head``), then stores dK and dV through the tile's K/V buffers and frees them."""
+    st_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[0]
+    acc_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[1]
+    op_layout: gl.constexpr = _mma_layouts(num_warps, ROWS, BLOCK_M, HEAD_D)[2]
+    KV_BUFFERS: gl.constexpr = kv_ready.shape[0]
+    HALVES: gl.constexpr = k_smem.shape[0] // KV_BUFFERS
+    full_idx = kernels._section(T, kernels.BWD_FULL_IDX)
+    part_idx = kernels._section(T, kernels.BWD_PART_IDX)
+    it = 0
+    taken = 0
+    heads = 0
+    for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
+        tile = _round_tile(r)
+        if tile < n_tiles:
+            bkv = tile % n_bkv
+            buffer = taken % KV_BUFFERS
+            k_tile = k_smem.index(buffer * HALVES + ME)
+            v_tile = v_smem.index(buffer * HALVES + ME)
+            mbarrier.wait(kv_ready.index(buffer), (taken // KV_BUFFERS) & 1)
+            dk = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
+            dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
+            keys_at = 0
+            for g in range(group):
+                at, start_n, slot, full_first, n_full, part_first, part_end, n_steps, _ = _take_record(
+                    records, head_ready, heads, num_warps)
+                _partition_barrier()  # every thread has read the record before it is released
+                mbarrier.arrive(head_empty.index(at), count=1)
+                keys_at = start_n + ME * ROWS
+                col_lo, col_hi, whole_lo, whole_hi = _key_spans(
+                    T, slot, keys_at + gl.arange(0, ROWS, gl.SliceLayout(1, st_layout)), kv_len)
+                dk, dv = _dkdv_head(k_tile.reshape([ROWS, HEAD_D]), v_tile.reshape([ROWS, HEAD_D]), q_smem, do_smem,
+                                    lse_smem, delta_smem, ready, empty, dk, dv, it, full_idx, full_first, n_full,
+                                    part_idx, part_first, part_end, n_steps, col_lo, col_hi, whole_lo, whole_hi,
+                                    qk_scale, ONE_LOOP, BQ, BLOCK_M, HEAD_D, STAGES, OVERLAP, st_layout, op_layout)
+                it += n_steps
+                heads += 1
+            _dkdv_store(k_tile, v_tile, dk, dv, dk_desc, dv_desc, bkv // n_kv_heads, bkv % n_kv_heads, keys_at, scale)
+            mbarrier.arrive(kv_empty.index(buffer), count=1)
+            taken += 1
+
+
+@gluon.jit(do_not_specialize=["q_len", "kv_len"])
+def _attn_bwd_dkdv_sm90_persistent(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, T, n_heads,
+                                   n_kv_heads, group, q_len, kv_len, n_kv_blocks, n_bkv, qk_scale, scale,
+                                   ONE_LOOP: gl.constexpr, TRIM: gl.constexpr, N_MASK_HEADS: gl.constexpr,
+                                   BQ: gl.constexpr, BK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, KV_BUFFERS: gl.constexpr,
+                                   OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+    """The dK/dV kernel as a persistent kernel (``DKDV_PERSISTENT``): a program per
+    multiprocessor takes the ``_attn_bwd_dkdv_sm90`` programs' tiles in rounds
+    (``_round_tile``); its load warp reads a tile's lists and copies its K and V (into one of
+    ``KV_BUFFERS`` pairs) while the consumers still work on the tile before, and hands them each
+    query head's lists through a ring of records."""
+    gl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
+    gl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
+    dtype: gl.constexpr = q_desc.dtype
+    HALVES: gl.constexpr = 2 if PINGPONG else 1  # consumer partitions, each with its own keys
+    ROWS: gl.constexpr = BLOCK_N // HALVES
+    gl.static_assert(k_desc.block_type.shape[2] == ROWS, "K, V, dK and dV are copied in a partition's keys")
+    n_tiles = n_kv_blocks * (BK // BLOCK_N) * n_bkv
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [KV_BUFFERS * HALVES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [KV_BUFFERS * HALVES] + v_desc.block_type.shape, v_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    records = gl.allocate_shared_memory(gl.int32, [2, RECORD], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    kv_ready = _barriers(KV_BUFFERS, 1)
+    kv_empty = _barriers(KV_BUFFERS, HALVES)
+    head_ready = _barriers(2, 1)
+    head_empty = _barriers(2, HALVES)
+    ready = _barriers(STAGES, 1)
+    empty = _barriers(STAGES, HALVES)  # released by every consumer partition
+    if PINGPONG:
+        gl.warp_specialize([
+            (_dkdv_consume_tiles, (q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, records, kv_ready, kv_empty,
+                                   head_ready, head_empty, ready, empty, dk_desc, dv_desc, T, n_kv_heads, group,
+                                   kv_len, n_bkv, n_tiles, qk_scale, scale, ONE_LOOP, BQ, BLOCK_M, ROWS, HEAD_D,
+                                   STAGES, OVERLAP, 0, ROWS // 16)),
+            (_dkdv_consume_tiles, (q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, records, kv_ready, kv_empty,
+                                   head_ready, head_empty, ready, empty, dk_desc, dv_desc, T, n_kv_heads, group,
+                                   kv_len, n_bkv, n_tiles, qk_scale, scale, ONE_LOOP, BQ, BLOCK_M, ROWS, HEAD_D,
+                                   STAGES, OVERLAP, 1, ROWS // 16)),
+            (_dkdv_load_tiles, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
+                                v_smem, lse_smem, delta_smem, records, kv_ready, kv_empty, head_ready, head_empty,
+                                ready, empty, T, n_heads, n_kv_heads, group, q_len, kv_len, n_kv_blocks, n_bkv,
+                                n_tiles, N_MASK_HEADS, ONE_LOOP, TRIM, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
+        ], [ROWS // 16, 1], [CONSUMER_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_dkdv_consume_tiles, (q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, records, kv_ready, kv_empty,
+                                   head_ready, head_empty, ready, empty, dk_desc, dv_desc, T, n_kv_heads, group,
+                                   kv_len, n_bkv, n_tiles, qk_scale, scale, ONE_LOOP, BQ, BLOCK_M, ROWS, HEAD_D,
+                                   STAGES, OVERLAP, 0, num_warps)),
+            (_dkdv_load_tiles, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
+                                v_smem, lse_smem, delta_smem, records, kv_ready, kv_empty, head_ready, head_empty,
+                                ready, empty, T, n_heads, n_kv_heads, group, q_len, kv_len, n_kv_blocks, n_bkv,
+                                n_tiles, N_MASK_HEADS, ONE_LOOP, TRIM, BQ, BK, BLOCK_M, BLOCK_N, STAGES)),
         ], [1], [LOAD_REGS])

@@ -277,10 +277,10 @@ def _query_program(T, head, task, n_q_blocks, N_MASK_HEADS: tl.constexpr, BQ: tl
 
 
 @triton.jit
-def _key_program(T, BK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This dK/dV program's table key block (``KV_ORDER``) and first key."""
+def _key_program(T, task, BK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The table key block (``KV_ORDER``) and first key of dK/dV program ``task`` (the grid's
+    first axis, or the tile a persistent program took)."""
     SUBS: tl.constexpr = BK // BLOCK_N
-    task = tl.program_id(0)
     kb = tl.load(_section(T, KV_ORDER) + task // SUBS)
     return kb, kb * BK + (task % SUBS) * BLOCK_N
 
@@ -569,7 +569,7 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
     STEPS: tl.constexpr = BQ // BLOCK_M  # kernel steps a listed query block
     bh = tl.program_id(1)
     b, kv_head = bh // n_kv_heads, bh % n_kv_heads
-    kb, start_n = _key_program(T, BK, BLOCK_N)
+    kb, start_n = _key_program(T, tl.program_id(0), BK, BLOCK_N)
     if start_n >= kv_len:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)

@@ -208,11 +208,9 @@ def _sm90_forward_launch(structure: Structure, q, k, v) -> Launch:
                  STAGES=stages, OVERLAP=hopper.OVERLAP, PINGPONG=hopper.PINGPONG, FMA=hopper.FMA_SOFTMAX,
                  TURNS=hopper.TURNS, maxnreg=hopper.MAX_REGS)
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
-    kernel = hopper._attn_fwd_sm90
-    if hopper.PERSISTENT:  # a program per multiprocessor, taking the tiles of that grid in rounds
-        kernel = hopper._attn_fwd_sm90_persistent
-        fixed.update(n_bh=grid[1], Q_BUFFERS=_q_buffers(1, block_m, block_n, stages, q.shape[-1]))
-        grid = (min(grid[0] * grid[1], multiprocessors(q.device)), 1, 1)
+    kernel, grid = _tiles_kernel(hopper._attn_fwd_sm90, hopper._attn_fwd_sm90_persistent, hopper.PERSISTENT, grid,
+                                 q.device, fixed, n_bh=grid[1],
+                                 Q_BUFFERS=_own_buffers(1, block_m, block_n, stages, q.shape[-1]))
     return Launch(kernel, grid, fixed, ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "T", "qk_scale"), config,
                   {"q_desc": rows, "k_desc": block_n, "v_desc": block_n, "o_desc": rows}, True, _describe)
 
@@ -222,15 +220,28 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tiles_kernel(kernel, persistent_kernel, persistent: bool, grid: tuple[int, int, int], device: torch.device,
+                  fixed: dict, **more) -> tuple:
+    """The kernel and grid that run the tiles of ``grid`` (``grid[0]`` programs of each of
+    ``grid[1]`` heads): ``kernel``, a program per tile; or where ``persistent``,
+    ``persistent_kernel``, a program per multiprocessor (or per tile where there are fewer)
+    taking the tiles in rounds, with ``more`` (the heads' count, its own buffers) in ``fixed``."""
+    if not persistent:
+        return kernel, grid
+    fixed.update(more)
+    return persistent_kernel, (min(grid[0] * grid[1], multiprocessors(device)), 1, 1)
+
+
 #: Shared memory an sm_90 program may take (bytes): the H100's and H200's 227 KiB.
 SM90_SHARED_BYTES = 227 * 1024
 
 
-def _q_buffers(row_tiles: int, block_m: int, block_n: int, stages: int, head_d: int) -> int:
-    """Row buffers of a persistent query program, each of ``row_tiles`` tiles (the forward's Q;
-    dQ's Q and dO): two (the next tile's rows are copied while this tile's are read) where they
-    fit in shared memory beside the K/V ring (16-bit tiles), else one (as at head dim 256)."""
-    return 2 if (2 * row_tiles * block_m + 2 * stages * block_n) * head_d * 2 <= SM90_SHARED_BYTES - 1024 else 1
+def _own_buffers(own_tiles: int, own_rows: int, step_rows: int, stages: int, head_d: int) -> int:
+    """Buffers of a persistent program's own tiles (``own_tiles`` of ``own_rows`` rows: the
+    forward's Q, dQ's Q and dO, dK/dV's K and V): two (the next tile's are copied while this
+    tile's are read) where they fit in shared memory beside the ring of ``stages`` steps of two
+    tiles of ``step_rows`` rows (16-bit), else one."""
+    return 2 if (2 * own_tiles * own_rows + 2 * stages * step_rows) * head_d * 2 <= SM90_SHARED_BYTES - 1024 else 1
 
 
 def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
@@ -247,11 +258,9 @@ def _sm90_dq_launch(structure: Structure, q, k, v, out, d_out, dq) -> Launch:
                  ADD_DQ=dq.dtype == torch.float32,  # ``backward``'s dq_sum: inputs here are 16-bit
                  maxnreg=hopper.MAX_REGS)
     grid = (structure.n_q_blocks * (structure.block_q // block_m), q.shape[0] * q.shape[1], 1)
-    kernel = hopper._attn_bwd_dq_sm90
-    if hopper.DQ_PERSISTENT:  # as the forward's
-        kernel = hopper._attn_bwd_dq_sm90_persistent
-        fixed.update(n_bh=grid[1], Q_BUFFERS=_q_buffers(2, block_m, block_n, stages, q.shape[-1]))
-        grid = (min(grid[0] * grid[1], multiprocessors(q.device)), 1, 1)
+    kernel, grid = _tiles_kernel(hopper._attn_bwd_dq_sm90, hopper._attn_bwd_dq_sm90_persistent, hopper.DQ_PERSISTENT,
+                                 grid, q.device, fixed, n_bh=grid[1],
+                                 Q_BUFFERS=_own_buffers(2, block_m, block_n, stages, q.shape[-1]))
     return Launch(kernel, grid, fixed,
                   ("q_desc", "k_desc", "v_desc", "Out", "do_desc", "dQ", "Lse", "dLse", "Lse2", "Delta", "T",
                    "qk_scale", "scale"), config,
@@ -272,7 +281,10 @@ def _sm90_dkdv_launch(structure: Structure, q, k, v, d_out) -> Launch:
                  BQ=structure.block_q, BK=structure.block_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[-1],
                  STAGES=stages, OVERLAP=hopper.DKDV_OVERLAP, PINGPONG=pingpong, maxnreg=hopper.MAX_REGS)
     grid = (structure.n_kv_blocks * (structure.block_kv // block_n), q.shape[0] * k.shape[1], 1)
-    return Launch(hopper._attn_bwd_dkdv_sm90, grid, fixed,
+    kernel, grid = _tiles_kernel(hopper._attn_bwd_dkdv_sm90, hopper._attn_bwd_dkdv_sm90_persistent,
+                                 hopper.DKDV_PERSISTENT, grid, q.device, fixed, n_bkv=grid[1],
+                                 KV_BUFFERS=_own_buffers(2, block_n, block_m, stages, q.shape[-1]))
+    return Launch(kernel, grid, fixed,
                   ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc", "lse_desc", "delta_desc", "T",
                    "qk_scale", "scale"), config,
                   {"q_desc": block_m, "do_desc": block_m, "k_desc": rows, "v_desc": rows, "dk_desc": rows,

@@ -129,11 +129,14 @@ def test_against_float32_and_triton(name, head_dim, pingpong, monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("name", CASES)
 def test_persistent_kernels(name, head_dim, pingpong, programs, monkeypatch):
-    """The persistent forward and dQ kernels (``PERSISTENT``, ``DQ_PERSISTENT``) with a program
-    per multiprocessor, or with 3 programs, each of which then takes many tiles: every row buffer
-    and K/V stage goes round many times, and tiles with no step come between others."""
-    for setting, value in dict(PERSISTENT=True, DQ_PERSISTENT=True, PINGPONG=pingpong, DQ_PINGPONG=pingpong).items():
-        monkeypatch.setattr(launch._hopper(), setting, value)
+    """The persistent forward, dQ and dK/dV kernels (``PERSISTENT``, ``DQ_PERSISTENT``,
+    ``DKDV_PERSISTENT``) with a program per multiprocessor, or with 3 programs, each of which then
+    takes many tiles: every buffer, record and ring stage goes round many times, and tiles with
+    no step come between others."""
+    for setting in ("PERSISTENT", "DQ_PERSISTENT", "DKDV_PERSISTENT"):
+        monkeypatch.setattr(launch._hopper(), setting, True)
+    for setting in ("PINGPONG", "DQ_PINGPONG", "DKDV_PINGPONG"):
+        monkeypatch.setattr(launch._hopper(), setting, pingpong)
     if programs is not None:
         monkeypatch.setattr(launch, "multiprocessors", lambda device: programs)
     monkeypatch.setattr(launch, "_launches", {})
@@ -145,7 +148,8 @@ def test_persistent_kernels(name, head_dim, pingpong, programs, monkeypatch):
 #: The schedule variants the benchmark times (``hopper.py`` settings), which must give the same results.
 SCHEDULES = {"no overlap": {"OVERLAP": False, "DQ_OVERLAP": False, "DKDV_OVERLAP": False},
              "FMA softmax": {"FMA_SOFTMAX": True}, "turns": {"TURNS": True},
-             "persistent, turns": {"PERSISTENT": True, "TURNS": True, "DQ_PERSISTENT": True}}
+             "persistent, turns": {"PERSISTENT": True, "TURNS": True, "DQ_PERSISTENT": True,
+                                   "DKDV_PERSISTENT": True}}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
