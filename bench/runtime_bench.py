@@ -20,7 +20,9 @@ Batch 1, 16 heads, head dim 128, bf16, blocks of 128. Measured in one process:
   ``maskc_before``, its ops registered as ``maskc_before::``), same call.
 
 In the 8K and 128K sections, "maskc, sm90 backward" is the same mask with the
-opt-in sm_90 dQ and dK/dV kernels on (``MASKC_GLUON_BACKWARD=1``).
+opt-in sm_90 dQ and dK/dV kernels on (``MASKC_GLUON_BACKWARD=1``), and "maskc,
+sm90 persistent" with those and the persistent variants of the three sm_90
+kernels (``hopper.py``'s ``PERSISTENT``, ``DQ_PERSISTENT``, ``DKDV_PERSISTENT``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from results import add_command_run, gpu_machine  # noqa: E402
 HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
 SECTION = "## Call path: host time, short sequences, CUDA graphs (issue 14)"
 SM90_BACKWARD = "maskc, sm90 backward"  # maskc with MASKC_GLUON_BACKWARD=1 (``switches``)
+SM90_PERSISTENT = "maskc, sm90 persistent"  # and the persistent sm_90 kernels
 
 torch._dynamo.config.cache_size_limit = 64
 torch._functorch.config.donated_buffer = False  # the timing loops replay one backward graph
@@ -82,13 +85,20 @@ def tools(lengths, length: int, before=None) -> dict:
 
 
 def with_sm90_backward(found: dict) -> dict:
-    """``found`` and maskc with its opt-in sm_90 backward kernels (``switches``)."""
-    return {**found, SM90_BACKWARD: found["maskc"]}
+    """``found`` and maskc with its opt-in sm_90 backward kernels, then with their persistent
+    variants too (``switches``)."""
+    return {**found, SM90_BACKWARD: found["maskc"], SM90_PERSISTENT: found["maskc"]}
 
 
 def switches(name: str):
     """The environment a tool's calls run in: ``MASKC_GLUON_BACKWARD=1`` for ``SM90_BACKWARD``
-    (read at each call, forward and backward alike)."""
+    (read at each call, forward and backward alike); for ``SM90_PERSISTENT`` that and the
+    persistent kernels, through hopper_bench's ``variant`` (which sets them and clears the kept
+    launches, whose keys do not hold them)."""
+    if name == SM90_PERSISTENT:
+        import hopper_bench  # here: its imports (gpu_bench's flex, FA4 lookups) serve this row alone
+
+        return hopper_bench.variant({"PERSISTENT": True, "DQ_PERSISTENT": True, "DKDV_PERSISTENT": True})
     return mock.patch.dict(os.environ, {"MASKC_GLUON_BACKWARD": "1"} if name == SM90_BACKWARD else {})
 
 
