@@ -376,7 +376,7 @@ def _record_layout(num_warps):
 
 @gluon.jit
 def _record(f0, f1, f2, f3, f4, f5, f6, f7, num_warps: gl.constexpr):
-    """A record of eight fields (``_read_record`` gives them back): what a consumer needs of a
+    """A record of eight fields (``_take_record`` gives them back): what a consumer needs of a
     tile, which the tables give only through a chain of dependent loads that the load warp runs
     while the consumers work. Query programs (``_tiles_load``): batch and head, first row, slot,
     FULL list start and count, PARTIAL steps, steps; dK/dV: ``_dkdv_load_tiles``."""
@@ -409,7 +409,8 @@ def _take_record(records, ready, taken, num_warps: gl.constexpr):
 def _round_tile(r):
     """The tile a persistent program takes in round ``r``: the programs take a round's tiles in
     turn, forwards in even rounds and backwards in odd ones, so that tiles coming heaviest first
-    (``Q_ORDER``, every head's first block before any head's second) even out over the rounds."""
+    (``Q_ORDER`` or ``KV_ORDER``, every head's first block before any head's second) even out over
+    the rounds."""
     n = gl.num_programs(0)
     p = gl.program_id(0)
     if r % 2 == 1:
