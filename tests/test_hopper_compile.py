@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 SCRIPT = textwrap.dedent("""
+    import contextlib
     from unittest import mock
 
     import torch, triton
@@ -40,31 +41,33 @@ SCRIPT = textwrap.dedent("""
         (maskc.Documents(lengths=[1000, 3000, 96]) & maskc.Causal(), 4096, 64, 4, 2),
         (maskc.SlidingWindow(left=1024), 4000, 256, 4, 1),
     ]
-    for mask, n, head_dim, heads, kv_heads in CASES:
+    PERSISTENT = {"PERSISTENT": True, "DQ_PERSISTENT": True, "DKDV_PERSISTENT": True}
+    ONE_PARTITION = {"PINGPONG": False, "DQ_PINGPONG": False, "DKDV_PINGPONG": False}
+    # hopper.py settings: the defaults and the persistent kernels at every head dim; the GPU suite's
+    # other schedules at the first (one consumer partition; the forward's turns)
+    SCHEDULES = [{}, PERSISTENT]
+    MORE = [ONE_PARTITION, {**ONE_PARTITION, **PERSISTENT}, {"TURNS": True}, {"TURNS": True, "PERSISTENT": True}]
+    for number, (mask, n, head_dim, heads, kv_heads) in enumerate(CASES):
         plan = maskc.compile(maskc.Spec(q_len=n, kv_len=n, mask=mask)).plan("cpu")
         q = torch.empty(1, heads, n, head_dim, dtype=torch.bfloat16)
         k = torch.empty(1, kv_heads, n, head_dim, dtype=torch.bfloat16)
         lse = torch.empty(1, heads, n)
-        forward = (q, k, k, torch.empty_like(q), lse, plan.tables, 0.1)
-        builds = [(launch._sm90_forward_launch(plan.structure, q, k, k), forward)]
-
-        def dq_build(dq, d_lse):
-            return (launch._sm90_dq_launch(plan.structure, q, k, k, q, q, dq),
-                    (q, k, k, q, q, dq, lse, d_lse, lse, lse, plan.tables, 0.1, 0.1))
-
-        # dQ into a 16-bit tensor with no LSE gradient, and into ring attention's float32 sum
-        builds += [dq_build(torch.empty_like(q), None), dq_build(torch.empty(q.shape), lse)]
-
-        def dkdv_build():
-            return (launch._sm90_dkdv_launch(plan.structure, q, k, k, q),
-                    (q, q, k, k, torch.empty_like(k), torch.empty_like(k), lse.view(-1), lse.view(-1), plan.tables,
-                     0.1, 0.1))
-
-        builds.append(dkdv_build())
-        with mock.patch.multiple(launch._hopper(), PERSISTENT=True, DQ_PERSISTENT=True, DKDV_PERSISTENT=True), \
-                mock.patch.object(launch, "multiprocessors", lambda device: 132):  # an H100's, H200's
-            builds += [(launch._sm90_forward_launch(plan.structure, q, k, k), forward),
-                       dq_build(torch.empty_like(q), None), dkdv_build()]
+        builds = []
+        for settings in SCHEDULES + (MORE if number == 0 else []):
+            with mock.patch.multiple(launch._hopper(), **settings) if settings else contextlib.nullcontext(), \
+                    mock.patch.object(launch, "multiprocessors", lambda device: 132):  # an H100's, H200's
+                builds.append((launch._sm90_forward_launch(plan.structure, q, k, k),
+                               (q, k, k, torch.empty_like(q), lse, plan.tables, 0.1)))
+                if "TURNS" in settings:  # the forward's alone
+                    continue
+                # dQ into a 16-bit tensor with no LSE gradient, and (once) into ring attention's float32 sum
+                sums = [] if settings else [(torch.empty(q.shape), lse)]
+                for dq, d_lse in [(torch.empty_like(q), None)] + sums:
+                    builds.append((launch._sm90_dq_launch(plan.structure, q, k, k, q, q, dq),
+                                   (q, k, k, q, q, dq, lse, d_lse, lse, lse, plan.tables, 0.1, 0.1)))
+                builds.append((launch._sm90_dkdv_launch(plan.structure, q, k, k, q),
+                               (q, q, k, k, torch.empty_like(k), torch.empty_like(k), lse.view(-1), lse.view(-1),
+                                plan.tables, 0.1, 0.1)))
         for built, values in builds:
             arguments = dict(built.fixed, **dict(zip(built.names, built._wrapped(values))))
             kernel = built.kernel.warmup(grid=built.grid, num_warps=built.config.num_warps, **arguments)
@@ -84,8 +87,9 @@ def test_the_sm90_kernels_compile_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     serialized = [line for line in (done.stdout + done.stderr).splitlines() if "serialized" in line]
     assert not serialized, serialized
-    # per head dim: the forward, dQ into 16 bits and into float32, dK/dV, and the persistent three
-    assert done.stdout.count("compiled") == 21, done.stdout
+    # per head dim: the forward, dQ into 16 bits and into float32, dK/dV, and the persistent three;
+    # at the first, the three kernels of one partition, persistent or not, and the forward's turns
+    assert done.stdout.count("compiled") == 29, done.stdout
 
 
 def test_kernel_paths_name_the_kernels_and_why_not_the_fast_path():
