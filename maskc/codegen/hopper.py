@@ -324,10 +324,18 @@ def _query_program_steps(T, task, bh, n_heads, q_len, n_q_blocks, ONE_LOOP: gl.c
 
 
 @gluon.jit
+def _slot_spans(lo, hi, slot, n):
+    """Where the spans of ``slot`` start in the span sections from ``lo`` and ``hi`` (``n``
+    positions a slot). Persistent programs read the sections' starts once, before their tiles,
+    so that no tile waits for those loads."""
+    spans_at = slot.to(gl.int64) * n
+    return lo + spans_at, hi + spans_at
+
+
+@gluon.jit
 def _row_spans(T, slot, q_len):
     """Where the row spans of ``slot`` start: the lows and the highs."""
-    spans_at = slot.to(gl.int64) * q_len
-    return kernels._section(T, kernels.ROW_LO) + spans_at, kernels._section(T, kernels.ROW_HI) + spans_at
+    return _slot_spans(kernels._section(T, kernels.ROW_LO), kernels._section(T, kernels.ROW_HI), slot, q_len)
 
 
 @gluon.jit
@@ -642,6 +650,8 @@ def _fwd_consume_tiles(q_smem, k_smem, v_smem, records, q_ready, q_empty, k_read
     HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     full_idx = kernels._section(T, kernels.FWD_FULL_IDX)
     part_idx = kernels._section(T, kernels.FWD_PART_IDX)
+    lo = kernels._section(T, kernels.ROW_LO)
+    hi = kernels._section(T, kernels.ROW_HI)
     base = 0
     turn_base = 0
     taken = 0
@@ -649,7 +659,7 @@ def _fwd_consume_tiles(q_smem, k_smem, v_smem, records, q_ready, q_empty, k_read
         if _round_tile(r) < n_tiles:
             buffer, bh, start_m, slot, full_first, n_full, part_first, part_end, n_steps = _take_record(
                 records, q_ready, taken, num_warps)
-            row_lo, row_hi = _row_spans(T, slot, q_len)
+            row_lo, row_hi = _slot_spans(lo, hi, slot, q_len)
             _fwd_tile(q_smem.index(buffer * HALVES + ME), k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, o_desc,
                       Lse, bh // n_heads, bh % n_heads, bh, start_m + ME * ROWS, q_len, row_lo, row_hi, full_idx,
                       full_first, n_full, part_idx, part_first, part_end, n_steps, base, turn_base, qk_scale,
@@ -917,6 +927,8 @@ def _dq_consume_tiles(q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows
     HALVES: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     full_idx = kernels._section(T, kernels.FWD_FULL_IDX)
     part_idx = kernels._section(T, kernels.FWD_PART_IDX)
+    lo = kernels._section(T, kernels.ROW_LO)
+    hi = kernels._section(T, kernels.ROW_HI)
     base = 0
     taken = 0
     for r in range(gl.cdiv(n_tiles, gl.num_programs(0))):
@@ -925,7 +937,7 @@ def _dq_consume_tiles(q_smem, do_smem, k_smem, v_smem, records, rows_ready, rows
                 records, rows_ready, taken, num_warps)
             b = (bh // n_heads).to(gl.int64)
             h = (bh % n_heads).to(gl.int64)
-            row_lo, row_hi = _row_spans(T, slot, q_len)
+            row_lo, row_hi = _slot_spans(lo, hi, slot, q_len)
             _dq_tile(q_smem.index(buffer * HALVES + ME), do_smem.index(buffer * HALVES + ME), k_smem, v_smem, k_ready,
                      k_empty, v_ready, v_empty, Out + b * stride_ob + h * stride_oh, stride_om, stride_od, Lse, dLse,
                      Lse2, Delta, dQ + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd, bh, program_m,
@@ -1146,11 +1158,11 @@ def _dkdv_head(k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv
 
 
 @gluon.jit
-def _key_spans(T, slot, keys, kv_len):
-    """The spans of ``keys`` under slot ``slot``, and the largest start and smallest end (``_spans``)."""
-    spans_at = slot.to(gl.int64) * kv_len
-    return _spans(kernels._section(T, kernels.COL_LO) + spans_at, kernels._section(T, kernels.COL_HI) + spans_at, keys,
-                  kv_len)
+def _key_spans(col_lo, col_hi, slot, keys, kv_len):
+    """The spans of ``keys`` under slot ``slot`` (the column span sections start at ``col_lo`` and
+    ``col_hi``), and the largest start and smallest end (``_spans``)."""
+    lo, hi = _slot_spans(col_lo, col_hi, slot, kv_len)
+    return _spans(lo, hi, keys, kv_len)
 
 
 @gluon.jit
@@ -1186,14 +1198,16 @@ def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar,
     dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
     head_slot = kernels._section(T, kernels.HEAD_SLOT)
+    col_lo = kernels._section(T, kernels.COL_LO)
+    col_hi = kernels._section(T, kernels.COL_HI)
     it = 0  # the program's steps so far, over the heads: the ring's position
     for g in range(group):  # the query heads that share this key head
         slot = gl.load(head_slot + (kv_head * group + g) % N_MASK_HEADS)
         full_idx, full_first, n_full, part_idx, part_first, part_end, n_steps = _dkdv_head_steps(
             T, slot, kb, n_kv_blocks, start_n, kv_len, listed, ONE_LOOP, TRIM, BQ, BLOCK_M, BLOCK_N)
-        col_lo, col_hi, whole_lo, whole_hi = _key_spans(T, slot, keys, kv_len)
+        lo, hi, whole_lo, whole_hi = _key_spans(col_lo, col_hi, slot, keys, kv_len)
         dk, dv = _dkdv_head(k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, it, full_idx,
-                            full_first, n_full, part_idx, part_first, part_end, n_steps, col_lo, col_hi, whole_lo,
+                            full_first, n_full, part_idx, part_first, part_end, n_steps, lo, hi, whole_lo,
                             whole_hi, qk_scale, ONE_LOOP, BQ, BLOCK_M, HEAD_D, STAGES, OVERLAP, st_layout, op_layout)
         it += n_steps
     _dkdv_store(k_smem, v_smem, dk, dv, dk_desc, dv_desc, b, kv_head, keys_at, scale)
@@ -1323,6 +1337,8 @@ def _dkdv_consume_tiles(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, r
     HALVES: gl.constexpr = k_smem.shape[0] // KV_BUFFERS
     full_idx = kernels._section(T, kernels.BWD_FULL_IDX)
     part_idx = kernels._section(T, kernels.BWD_PART_IDX)
+    col_lo = kernels._section(T, kernels.COL_LO)
+    col_hi = kernels._section(T, kernels.COL_HI)
     it = 0
     taken = 0
     heads = 0
@@ -1343,11 +1359,11 @@ def _dkdv_consume_tiles(q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, r
                 _partition_barrier()  # every thread has read the record before it is released
                 mbarrier.arrive(head_empty.index(at), count=1)
                 keys_at = start_n + ME * ROWS
-                col_lo, col_hi, whole_lo, whole_hi = _key_spans(
-                    T, slot, keys_at + gl.arange(0, ROWS, gl.SliceLayout(1, st_layout)), kv_len)
+                lo, hi, whole_lo, whole_hi = _key_spans(
+                    col_lo, col_hi, slot, keys_at + gl.arange(0, ROWS, gl.SliceLayout(1, st_layout)), kv_len)
                 dk, dv = _dkdv_head(k_tile.reshape([ROWS, HEAD_D]), v_tile.reshape([ROWS, HEAD_D]), q_smem, do_smem,
                                     lse_smem, delta_smem, ready, empty, dk, dv, it, full_idx, full_first, n_full,
-                                    part_idx, part_first, part_end, n_steps, col_lo, col_hi, whole_lo, whole_hi,
+                                    part_idx, part_first, part_end, n_steps, lo, hi, whole_lo, whole_hi,
                                     qk_scale, ONE_LOOP, BQ, BLOCK_M, HEAD_D, STAGES, OVERLAP, st_layout, op_layout)
                 it += n_steps
                 heads += 1
