@@ -43,3 +43,21 @@ def test_a_new_mask_every_step_compiles_no_new_graph_after_two_steps(backend):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2:] == [graphs[1]] * (len(STEPS) - 2), graphs
+
+
+@pytest.mark.parametrize("lse_in_loss", [False, True])
+def test_compiled_gradients_with_and_without_the_lse_in_the_loss(lse_in_loss):
+    """Compiled forward and backward equal eager whether the LSE feeds the loss (a gradient for it
+    reaches the backward op) or not (none does, and the backward op takes ``None``)."""
+    cm = maskc.compile(doc_causal([10, 30, 24]), block_size=16)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+
+    def loss(q, k, v):
+        out, lse = cm(q, k, v, return_lse=True)
+        return out.square().sum() + (lse.sum() if lse_in_loss else 0)
+
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

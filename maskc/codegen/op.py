@@ -73,7 +73,8 @@ def _(q, k, v, tables, backend, structure, scale):
 
 @torch.library.custom_op("maskc::attention_backward", mutates_args=())
 def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                           lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor, tables: list[torch.Tensor],
+                           lse: torch.Tensor, d_out: torch.Tensor, d_lse: Optional[torch.Tensor],
+                           tables: list[torch.Tensor],
                            backend: str, structure: str,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(tables, backend, structure, q, k, v, out, lse, d_out, d_lse, scale)
@@ -93,8 +94,7 @@ def _setup_context(ctx, inputs, output):
 
 def _attention_grad(ctx, d_out, d_lse):
     q, k, v, out, lse, *tables = ctx.saved_tensors
-    d_out = torch.zeros_like(out) if d_out is None else d_out
-    d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+    d_out = torch.zeros_like(out) if d_out is None else d_out  # d_lse may stay None: the kernels take it
     dq, dk, dv = _attention_backward_op(q, k, v, out, lse, d_out, d_lse, tables, ctx.backend, ctx.structure,
                                         ctx.scale)
     return dq, dk, dv, [None] * len(tables), None, None, None
