@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -208,11 +209,12 @@ def untrimmed_steps(ptr, idx, lo, hi, own_block, entry_block, program, step):
 
 
 @contextlib.contextmanager
-def variant(configs=(), one_loop=True, spans=True, trim=True, tma=launch.USE_TMA):
+def variant(configs=(), one_loop=True, spans=True, trim=True, tma=launch.USE_TMA, dq_atomic=False):
     """maskc with some kernels' tile configs changed (``(kernel, TileConfig)`` pairs), with spans
     but FULL and PARTIAL tiles in two loops (``plan.ONE_LOOP``), without spans
     (``codegen/spans.py``): the generated predicate on every PARTIAL tile, or with spans but
-    every PARTIAL step walked (``untrimmed_steps``), with TMA copies in the kernels ``tma`` only."""
+    every PARTIAL step walked (``untrimmed_steps``), with TMA copies in the kernels ``tma`` only,
+    with dQ added with atomics by the dK/dV kernel (``MASKC_DQ_ATOMIC=1``)."""
     saved = dict(tuning.DEFAULTS_16BIT), dict(tuning.SHORT_ROWS_16BIT)
     for kernel, config in configs:  # for masks of long and short rows alike
         tuning.DEFAULTS_16BIT[(kernel, HEAD_DIM)] = tuning.SHORT_ROWS_16BIT[(kernel, HEAD_DIM)] = config
@@ -225,7 +227,8 @@ def variant(configs=(), one_loop=True, spans=True, trim=True, tma=launch.USE_TMA
     launch._fitted.clear()
     launch._launches.clear()
     try:
-        yield
+        with mock.patch.dict(os.environ, {"MASKC_DQ_ATOMIC": "1" if dq_atomic else "0"}):
+            yield
     finally:
         for table, before in zip((tuning.DEFAULTS_16BIT, tuning.SHORT_ROWS_16BIT), saved):
             table.clear()
@@ -256,7 +259,9 @@ def variants(names=()) -> dict:
     out = {"defaults": (128, {}, "fwd bwd"), "two loops": (128, dict(one_loop=False), "fwd bwd"),
            "generated predicate": (128, dict(spans=False), "fwd bwd"),
            "untrimmed": (128, dict(trim=False), "fwd bwd"), "no tma": (128, dict(tma=()), "fwd bwd"),
-           "tma everywhere": (128, dict(tma=tuning.KERNELS), "fwd bwd")}
+           "tma everywhere": (128, dict(tma=tuning.KERNELS), "fwd bwd"),
+           "dq atomic": (128, dict(dq_atomic=True), "bwd"),
+           "dq atomic, dkdv 64x64 w4 s2": (128, dict(dq_atomic=True, configs=[("dkdv", T(64, 64, 4, 2))]), "bwd")}
     out.update({name: (block, dict(configs=configs), "fwd bwd") for name, (block, configs) in TILE_SETS.items()})
     for kernel in tuning.KERNELS:  # each candidate for masks of long and short rows alike
         for config in tuning.CANDIDATES[kernel]:

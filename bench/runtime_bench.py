@@ -22,7 +22,8 @@ Batch 1, 16 heads, head dim 128, bf16, blocks of 128. Measured in one process:
 In the 8K and 128K sections, "maskc, sm90 backward" is the same mask with the
 opt-in sm_90 dQ and dK/dV kernels on (``MASKC_GLUON_BACKWARD=1``), and "maskc,
 sm90 persistent" with those and the persistent variants of the three sm_90
-kernels (``hopper.py``'s ``PERSISTENT``, ``DQ_PERSISTENT``, ``DKDV_PERSISTENT``).
+kernels (``hopper.py``'s ``PERSISTENT``, ``DQ_PERSISTENT``, ``DKDV_PERSISTENT``), and
+"maskc, dQ atomic" the Triton backward whose dK/dV kernel adds dQ (``MASKC_DQ_ATOMIC=1``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ HEADS, HEAD_DIM, DTYPE, DEVICE = 16, 128, torch.bfloat16, "cuda"
 SECTION = "## Call path: host time, short sequences, CUDA graphs (issue 14)"
 SM90_BACKWARD = "maskc, sm90 backward"  # maskc with MASKC_GLUON_BACKWARD=1 (``switches``)
 SM90_PERSISTENT = "maskc, sm90 persistent"  # and the persistent sm_90 kernels
+DQ_ATOMIC = "maskc, dQ atomic"  # the Triton backward with MASKC_DQ_ATOMIC=1
 
 torch._dynamo.config.cache_size_limit = 64
 torch._functorch.config.donated_buffer = False  # the timing loops replay one backward graph
@@ -84,22 +86,23 @@ def tools(lengths, length: int, before=None) -> dict:
     return found
 
 
-def with_sm90_backward(found: dict) -> dict:
+def with_backward_variants(found: dict) -> dict:
     """``found`` and maskc with its opt-in sm_90 backward kernels, then with their persistent
-    variants too (``switches``)."""
-    return {**found, SM90_BACKWARD: found["maskc"], SM90_PERSISTENT: found["maskc"]}
+    variants too, and with dQ added by the Triton dK/dV kernel (``switches``)."""
+    return {**found, SM90_BACKWARD: found["maskc"], SM90_PERSISTENT: found["maskc"], DQ_ATOMIC: found["maskc"]}
 
 
 def switches(name: str):
-    """The environment a tool's calls run in: ``MASKC_GLUON_BACKWARD=1`` for ``SM90_BACKWARD``
-    (read at each call, forward and backward alike); for ``SM90_PERSISTENT`` that and the
+    """The environment a tool's calls run in: ``MASKC_GLUON_BACKWARD=1`` for ``SM90_BACKWARD``,
+    ``MASKC_DQ_ATOMIC=1`` for ``DQ_ATOMIC`` (read at each call); for ``SM90_PERSISTENT`` the first and the
     persistent kernels, through hopper_bench's ``variant`` (which sets them and clears the kept
     launches, whose keys do not hold them)."""
     if name == SM90_PERSISTENT:
         import hopper_bench  # here: its imports (gpu_bench's flex, FA4 lookups) serve this row alone
 
         return hopper_bench.variant({"PERSISTENT": True, "DQ_PERSISTENT": True, "DKDV_PERSISTENT": True})
-    return mock.patch.dict(os.environ, {"MASKC_GLUON_BACKWARD": "1"} if name == SM90_BACKWARD else {})
+    return mock.patch.dict(os.environ, {SM90_BACKWARD: {"MASKC_GLUON_BACKWARD": "1"},
+                                        DQ_ATOMIC: {"MASKC_DQ_ATOMIC": "1"}}.get(name, {}))
 
 
 # -- host time ---------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def short_sequences(report: list, before) -> None:
     grad = torch.randn_like(q)
     for n_docs in (4, 8):
         lengths = document_lengths(length, n_docs, rng)
-        for name, attend in with_sm90_backward(tools(lengths, length, before)).items():
+        for name, attend in with_backward_variants(tools(lengths, length, before)).items():
             def step():
                 out = attend(q, k, v)
                 torch.autograd.grad(out, (q, k, v), grad)
@@ -241,7 +244,7 @@ def long_sequences(report: list, before) -> None:
             while sum(lengths) < length:
                 lengths.append(int(rng.integers(512, 4097)))
             lengths[-1] -= sum(lengths) - length
-        for name, attend in with_sm90_backward(tools(lengths, length, before)).items():
+        for name, attend in with_backward_variants(tools(lengths, length, before)).items():
             with switches(name):
                 fwd = median_ms(lambda: attend(q, k, v))
                 out = attend(q, k, v)

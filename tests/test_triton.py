@@ -138,6 +138,46 @@ def test_backward_is_bitwise_repeatable():
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("name", ["causal", "documents", "window_bottom_right", "dense", "documents_nested"])
+def test_dq_added_with_atomics_by_the_dkdv_kernel(monkeypatch, name):
+    """``MASKC_DQ_ATOMIC=1``: no dQ kernel; the row terms' kernel, then the dK/dV kernel adding each
+    step's dQ into a float32 sum; gradients as the oracle's, with spans and with the generated
+    predicate."""
+    monkeypatch.setenv("MASKC_DQ_ATOMIC", "1")
+    launched, real_launch = [], launch.launch
+    monkeypatch.setattr(launch, "launch", lambda name, *rest: launched.append(name) or real_launch(name, *rest))
+    cm = check(PREDICATE_SPECS[name])
+    assert set(launched) == {"forward", "dkdv"}
+    q = torch.randn(1, 2, cm.q_len, 16)
+    k = torch.randn(1, 2, cm.kv_len, 16)
+    paths = cm.kernel_paths(q, k, k, backend="triton")
+    assert paths["forward"].startswith("triton") and paths["dq"] == paths["dkdv"]
+    assert "MASKC_DQ_ATOMIC=1" in paths["dq"]
+
+
+def test_dq_added_with_atomics_gqa_float16_empty_rows_and_a_ring_sum(monkeypatch):
+    monkeypatch.setenv("MASKC_DQ_ATOMIC", "1")
+    spec = S(q_len=37, kv_len=51, mask=maskc.Causal(align="bottom_right") & maskc.SlidingWindow(
+        left=20, align="bottom_right"))
+    check(spec, batch=2, heads=4, kv_heads=1, head_dim=24, v_dim=40, scale=0.3)
+    check(PREDICATE_SPECS["documents"], dtype=torch.float16, atol=2e-3)
+    check(S(q_len=32, kv_len=32, mask=maskc.Documents(lengths=[0, 9, 23], kv_lengths=[20, 12, 0])))
+    # ring attention's float32 sum: added into, rows no tile visits left alone
+    spec = S(q_len=70, kv_len=50, mask=maskc.Range(q=(32, 70), kv=(0, 50)) & maskc.Causal(offset=-20))
+    cm = maskc.compile(spec, block_size=16)
+    torch.manual_seed(0)
+    q, d_out = torch.randn(2, 1, 2, 70, 16).unbind(0)
+    k, v = torch.randn(2, 1, 2, 50, 16).unbind(0)
+    out, lse = cm(q, k, v, return_lse=True, backend="triton")
+    want = cm.backward(q, k, v, out, lse, d_out, backend="reference")
+    dq_sum = torch.cat([torch.full_like(q[:, :, :32], float("nan")), torch.ones_like(q[:, :, 32:])], dim=2)
+    got = cm.backward(q, k, v, out, lse, d_out, backend="triton", dq_sum=dq_sum)
+    assert got[0] is dq_sum and dq_sum[:, :, :32].isnan().all()
+    torch.testing.assert_close(dq_sum[:, :, 32:], want[0][:, :, 32:] + 1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_per_head_masks_of_several_structures_dispatch_per_slot():
     heads = [maskc.Causal(), maskc.Dense(values=rng.random((40, 40)) < 0.4),
              maskc.Documents(lengths=[9, 31]) & maskc.Causal(), maskc.SlidingWindow(left=3)]

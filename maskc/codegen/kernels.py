@@ -439,6 +439,22 @@ def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
     return lse2, delta
 
 
+@triton.jit(do_not_specialize=["q_len"])
+def _attn_bwd_rows(Out, dOut, Lse, dLse, Lse2, Delta, stride_ob, stride_oh, stride_om, stride_od, stride_dob,
+                   stride_doh, stride_dom, stride_dod, n_heads, q_len, BLOCK_M: tl.constexpr, HEAD_DV: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+    """The row terms (``_row_terms``) of ``BLOCK_M`` rows of one head, where no dQ kernel computes
+    them: for the dK/dV kernel that adds dQ itself (``DQ``)."""
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, q_len, stride_om,
+                   stride_od, HEAD_DV, BLOCK_DV, True)
+    do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
+                    stride_dod, HEAD_DV, BLOCK_DV, True)
+    _row_terms(o, do, Lse, dLse, Lse2, Delta, bh.to(tl.int64) * q_len + offs_m, offs_m < q_len)
+
+
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, offs_m, row_lo, row_hi, whole_lo, whole_hi, k_desc, v_desc, b, kv_head, k_base,
               v_base, stride_kn, stride_kd, stride_vn, stride_vd, blocks, pattern_of, first, end, q_len, kv_len,
@@ -517,14 +533,17 @@ def _attn_bwd_dq(Q, K, V, K_desc, V_desc, Out, dOut, Lse, dLse, Lse2, Delta, dQ,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_desc, do_desc, b, h, q_base, do_base,
-                lse2_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, blocks, pattern_of, first, end,
-                q_len, kv_len, qk_scale, mask_args, mask_data, patterns, partial_mask: tl.constexpr, KIND: tl.constexpr,
-                SPANS: tl.constexpr, CUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                PRECISION: tl.constexpr, TMA: tl.constexpr):
+                lse2_base, delta_base, dq_base, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
+                blocks, pattern_of, first, end, q_len, kv_len, qk_scale, scale, mask_args, mask_data, patterns,
+                partial_mask: tl.constexpr, KIND: tl.constexpr, SPANS: tl.constexpr, CUT: tl.constexpr,
+                BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                DQ: tl.constexpr):
     """``dV += P^T dO`` and ``dK += dS^T Q`` over steps ``first`` to ``end`` of the query blocks
     ``blocks``, in the transposed orientation (keys down, queries across). Queries past the end
-    load as zero with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so."""
+    load as zero with ``lse2 = +inf``, so their ``P`` is 0 even before the predicate says so.
+    With ``DQ`` each step also adds its ``dQ = dS K`` (times ``scale``) into the float32 sum at
+    ``dq_base``, with atomics: the order of the additions varies from run to run."""
     SUBS: tl.constexpr = BQ // BLOCK_M
     CHECK: tl.constexpr = (KIND != FULL) & CUT  # bounds-checked loads
     start_m = _step_start(blocks, first, end, BQ, BLOCK_M)
@@ -548,22 +567,28 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, col_lo, col_hi, whole_lo, whole_hi, q_desc
                       mask_args, mask_data, patterns, pattern_of + step // SUBS, partial_mask, KIND, SPANS, BLOCK_M,
                       BQ, BK)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * scale
+            cols = tl.arange(0, BLOCK_D)
+            tl.atomic_add(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + cols[None, :] * stride_dqd, dq,
+                          mask=(offs_m[:, None] < q_len) & (cols[None, :] < HEAD_D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
-def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patterns,
+def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, dQ, T, patterns,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    n_heads, n_kv_heads, group, q_len, kv_len, n_kv_blocks, qk_scale, scale,
                    partial_mask: tl.constexpr, SPANS: tl.constexpr, ONE_LOOP: tl.constexpr, CUT: tl.constexpr,
                    TRIM: tl.constexpr, N_MASK_HEADS: tl.constexpr, ARGS_WIDTH: tl.constexpr,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   PRECISION: tl.constexpr, TMA: tl.constexpr):
+                   PRECISION: tl.constexpr, TMA: tl.constexpr, DQ: tl.constexpr):
     tl.static_assert(BK % BLOCK_N == 0, "a program's keys must lie in one table key block")
     tl.static_assert(BQ % BLOCK_M == 0, "a query step must lie in one table query block")
     STEPS: tl.constexpr = BQ // BLOCK_M  # kernel steps a listed query block
@@ -597,21 +622,23 @@ def _attn_bwd_dkdv(Q, K, V, dOut, Q_desc, dO_desc, Lse2, Delta, dK, dV, T, patte
                                      SPANS)
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        dq_base = dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
         row_base = (b * n_heads + h).to(tl.int64) * q_len
         at = slot * (n_kv_blocks + 1) + kb
         if not ONE_LOOP:
             lo, hi = _list_span(full_ptr, at)
             dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, 0, 0, Q_desc, dO_desc, b, h, q_base, do_base,
-                                 Lse2 + row_base, Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 full_idx, part_pattern, lo * STEPS, hi * STEPS, q_len, kv_len, qk_scale, slot_args,
-                                 _section(T, MASK_DATA), patterns, partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_M,
-                                 HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, TMA)
+                                 Lse2 + row_base, Delta + row_base, dq_base, stride_qm, stride_qd, stride_dom,
+                                 stride_dod, stride_dqm, stride_dqd, full_idx, part_pattern, lo * STEPS, hi * STEPS,
+                                 q_len, kv_len, qk_scale, scale, slot_args, _section(T, MASK_DATA), patterns,
+                                 partial_mask, FULL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV,
+                                 PRECISION, TMA, DQ)
         first, end = _partial_steps(T, part_ptr, at, slot, start_n, kv_len, STEPS, BLOCK_N, TRIM)
         dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, span_lo, span_hi, tl.max(span_lo, 0), tl.min(span_hi, 0), Q_desc,
-                             dO_desc, b, h, q_base, do_base, Lse2 + row_base, Delta + row_base, stride_qm,
-                             stride_qd, stride_dom, stride_dod, part_idx, part_pattern, first, end, q_len, kv_len,
-                             qk_scale, slot_args, _section(T, MASK_DATA), patterns, partial_mask,
-                             EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D, BLOCK_D, HEAD_DV,
-                             BLOCK_DV, PRECISION, TMA)
+                             dO_desc, b, h, q_base, do_base, Lse2 + row_base, Delta + row_base, dq_base, stride_qm,
+                             stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, part_idx, part_pattern, first,
+                             end, q_len, kv_len, qk_scale, scale, slot_args, _section(T, MASK_DATA), patterns,
+                             partial_mask, EITHER if ONE_LOOP else PARTIAL, SPANS, CUT, BQ, BK, BLOCK_M, HEAD_D,
+                             BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, TMA, DQ)
     _store_tile(dk_base, dk * scale, offs_n, kv_len, stride_dkn, stride_dkd, HEAD_D, BLOCK_D)
     _store_tile(dv_base, dv, offs_n, kv_len, stride_dvn, stride_dvd, HEAD_DV, BLOCK_DV)

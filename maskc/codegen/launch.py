@@ -341,6 +341,9 @@ def kernel_paths(structure: Structure, q, k, v) -> dict[str, str]:
         return "sm90-gluon" if reason is None else f"triton ({reason})"
 
     forward = "triton-decode" if structure.decode else path("forward")  # decode: few rows of long reach
+    if dq_atomic():
+        atomic = "triton (MASKC_DQ_ATOMIC=1: the dK/dV kernel adds dQ with atomics)"
+        return {"forward": forward, "dq": atomic, "dkdv": atomic}
     return {"forward": forward, "dq": path("dq", q, q, q), "dkdv": path("dkdv", q)}
 
 
@@ -515,14 +518,49 @@ def forward(structure: Structure, tables, patterns, q, k, v, scale: float):
     return out, lse
 
 
+def dq_atomic() -> bool:
+    """Whether the backward adds dQ with atomics (``MASKC_DQ_ATOMIC=1``): the dK/dV kernel adds
+    each step's ``dS K`` into a float32 sum (``kernels._dkdv_tiles``) after a kernel of the row
+    terms, instead of the dQ kernel computing ``S`` and ``dP`` again, which makes a tile's five
+    products instead of seven; the order of the additions, and so dQ's last bits, vary from run
+    to run. The Triton kernels alone: the sm_90 ones keep their own dQ kernel."""
+    return os.environ.get("MASKC_DQ_ATOMIC", "0") == "1"
+
+
+#: Rows of a program of the row-terms kernel (``kernels._attn_bwd_rows``).
+ROWS_BLOCK = 64
+
+
+def _row_terms(structure: Structure, out, d_out, lse, d_lse, lse2, delta) -> None:
+    """The backward's row terms (LSE in base 2, ``delta``) into ``lse2`` and ``delta``, by their
+    own kernel: with ``dq_atomic``, no dQ kernel computes them."""
+    aligned = _aligned(out, d_out, lse, *([] if d_lse is None else [d_lse]))
+    key = _key("rows", structure, aligned, out, d_out, lse) + (d_lse is None,)
+    found = _launches.get(key)
+    if found is None:
+        grid = (triton.cdiv(structure.q_len, ROWS_BLOCK), out.shape[0] * out.shape[1], 1)
+        fixed = dict(**_strides("o", out), **_strides("do", d_out), n_heads=out.shape[1], q_len=structure.q_len,
+                     BLOCK_M=ROWS_BLOCK, HEAD_DV=out.shape[-1], BLOCK_DV=tuning.head_bucket(out.shape[-1]))
+        found = _launches[key] = Launch(kernels._attn_bwd_rows, grid, fixed,
+                                        ("Out", "dOut", "Lse", "dLse", "Lse2", "Delta"),
+                                        tuning.TileConfig(ROWS_BLOCK, ROWS_BLOCK, 4, 1), {}, aligned)
+    found((out, d_out, lse, d_lse, lse2, delta))
+
+
 def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d_lse, scale: float, dq_sum=None):
     """``(dq, dk, dv)`` of the Triton backward from the forward's ``out`` and ``lse``; ``d_lse`` may
     be ``None`` (no gradient flows into the LSE); with ``dq_sum`` (float32, q's shape) dQ is added
-    into it, which is returned as ``dq``."""
-    dq = torch.empty_like(q) if dq_sum is None else dq_sum
+    into it, which is returned as ``dq``. With ``dq_atomic`` the dK/dV kernel adds dQ."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if structure.empty:
-        return dq if dq_sum is not None else dq.zero_(), dk.zero_(), dv.zero_()
+        return dq_sum if dq_sum is not None else torch.zeros_like(q), dk.zero_(), dv.zero_()
+    atomic = dq_atomic()
+    if dq_sum is not None:
+        dq = dq_sum
+    elif atomic:  # the float32 sum the dK/dV kernel adds into
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty_like(q)
     # written by the dQ kernel for every row (``rows`` apart a head), read by dK/dV
     lse2, delta = (torch.empty(lse.shape, dtype=torch.float32, device=lse.device) for _ in range(2))
     lse = lse.contiguous()  # the kernels index rows bh * q_len + row
@@ -551,24 +589,27 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
         use_tma = _use_tma("dkdv", structure, aligned, q, d_out)
         grid = (structure.n_kv_blocks * (structure.block_kv // config.block_n), q.shape[0] * n_kv_heads, 1)
         return Launch(kernels._attn_bwd_dkdv, grid,
-                      fixed(**_strides("dk", dk, "bhnd"), **_strides("dv", dv, "bhnd"), n_kv_heads=n_kv_heads,
-                            n_kv_blocks=structure.n_kv_blocks, TMA=use_tma,
+                      fixed(**_strides("dk", dk, "bhnd"), **_strides("dv", dv, "bhnd"), **_strides("dq", dq),
+                            n_kv_heads=n_kv_heads, n_kv_blocks=structure.n_kv_blocks, TMA=use_tma, DQ=atomic,
                             **_constexprs(structure, "backward", config, q, v)),
-                      ("Q", "K", "V", "dOut", "Q_desc", "dO_desc", "Lse2", "Delta", "dK", "dV", "T", "patterns",
-                       "qk_scale", "scale"), config,
+                      ("Q", "K", "V", "dOut", "Q_desc", "dO_desc", "Lse2", "Delta", "dK", "dV", "dQ", "T",
+                       "patterns", "qk_scale", "scale"), config,
                       {"Q_desc": config.block_m, "dO_desc": config.block_m} if use_tma else {}, aligned)
 
     key = _key("dq", structure, aligned, q, k, v, out, d_out, dq)
     flags = (dq_sum is not None, d_lse is None)  # what else the dQ kernels are compiled for
-    # dQ first: it computes the row terms dK/dV reads
-    if not _run_sm90("dq", structure, (q, k, v, out, d_out, dq),
-                     (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale), flags):
+    # the row terms first, which dK/dV reads: by the dQ kernel, or with atomics by their own
+    if atomic:
+        _row_terms(structure, out, d_out, lse, d_lse, lse2, delta)
+    elif not _run_sm90("dq", structure, (q, k, v, out, d_out, dq),
+                       (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale), flags):
         launch("dq", key + flags,
                (q, k, v, k, v, out, d_out, lse, d_lse, lse2, delta, dq, tables, patterns, qk_scale, scale), build_dq,
                structure, q, v)
-    if _run_sm90("dkdv", structure, (q, k, v, d_out),
-                 (q, d_out, k, v, dk, dv, lse2.view(-1), delta.view(-1), tables, qk_scale, scale)):
+    if not atomic and _run_sm90("dkdv", structure, (q, k, v, d_out),
+                                (q, d_out, k, v, dk, dv, lse2.view(-1), delta.view(-1), tables, qk_scale, scale)):
         return dq, dk, dv
-    launch("dkdv", ("dkdv",) + key[1:], (q, k, v, d_out, q, d_out, lse2, delta, dk, dv, tables, patterns, qk_scale,
-                                         scale), build_dkdv, structure, q, v)
-    return dq, dk, dv
+    launch("dkdv", ("dkdv",) + key[1:] + (atomic,),
+           (q, k, v, d_out, q, d_out, lse2, delta, dk, dv, dq, tables, patterns, qk_scale, scale), build_dkdv,
+           structure, q, v)
+    return dq if dq_sum is not None else dq.to(q.dtype), dk, dv

@@ -46,9 +46,13 @@ MASKS = {
 }
 
 
+@pytest.mark.parametrize("dq_atomic", [False, True], ids=["dq-kernel", "dq-atomic"])
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("name", MASKS)
-def test_forward_and_backward_against_float32(name, head_dim):
+def test_forward_and_backward_against_float32(name, head_dim, dq_atomic, monkeypatch):
+    """... with the backward's dQ by its own kernel, or added with atomics by the dK/dV kernel
+    (``MASKC_DQ_ATOMIC=1``)."""
+    monkeypatch.setenv("MASKC_DQ_ATOMIC", "1" if dq_atomic else "0")
     n = 700
     cm = maskc.compile(maskc.Spec(q_len=n, kv_len=n, mask=MASKS[name](n)))
     q, k, v = inputs(n, n, head_dim=head_dim)
