@@ -69,7 +69,7 @@ attention adds it into a float32 sum (``ADD_DQ``).
 Both backward kernels, like the forward, leave no product in flight from one iteration of
 their loop to the next: where one was (the first dK/dV kernel issued the next step's products
 before waiting for this step's), ptxas serialized every ``wgmma`` of the kernel (its log:
-"wgmma.mma_async instructions are serialized"), and ``tests/test_hopper_compile.py`` checks
+"wgmma.mma_async instructions are serialized"), and ``tests/test_compile_sm90.py`` checks
 that it does not.
 
 The dK/dV kernel (``_attn_bwd_dkdv_sm90``, opt-in: ``MASKC_GLUON_BACKWARD=1``) reads the same
