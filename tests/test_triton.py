@@ -178,6 +178,21 @@ def test_dq_added_with_atomics_gqa_float16_empty_rows_and_a_ring_sum(monkeypatch
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_the_row_terms_kernel_zeroes_the_dq_the_dkdv_kernel_adds_into():
+    plan = maskc.compile(PREDICATE_SPECS["causal"], block_size=16).plan(CPU)
+    n = plan.structure.q_len
+    torch.manual_seed(0)
+    out, d_out = torch.randn(2, 1, 2, n, 16).unbind(0)
+    lse = torch.randn(1, 2, n)
+    lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
+    for zero in (True, False):
+        dq = torch.full((1, 2, n, 16), float("nan"))
+        launch._row_terms(plan.structure, out, d_out, lse, None, lse2, delta, dq, zero)
+        assert (dq == 0).all() if zero else dq.isnan().all()
+        torch.testing.assert_close(delta, (out * d_out).sum(-1))
+        torch.testing.assert_close(lse2, lse * math.log2(math.e))
+
+
 def test_per_head_masks_of_several_structures_dispatch_per_slot():
     heads = [maskc.Causal(), maskc.Dense(values=rng.random((40, 40)) < 0.4),
              maskc.Documents(lengths=[9, 31]) & maskc.Causal(), maskc.SlidingWindow(left=3)]

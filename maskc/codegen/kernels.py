@@ -440,11 +440,13 @@ def _row_terms(o, do, Lse, dLse, Lse2, Delta, rows, in_range):
 
 
 @triton.jit(do_not_specialize=["q_len"])
-def _attn_bwd_rows(Out, dOut, Lse, dLse, Lse2, Delta, stride_ob, stride_oh, stride_om, stride_od, stride_dob,
-                   stride_doh, stride_dom, stride_dod, n_heads, q_len, BLOCK_M: tl.constexpr, HEAD_DV: tl.constexpr,
-                   BLOCK_DV: tl.constexpr):
+def _attn_bwd_rows(Out, dOut, Lse, dLse, Lse2, Delta, dQ, stride_ob, stride_oh, stride_om, stride_od, stride_dob,
+                   stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd, n_heads, q_len,
+                   BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, ZERO_DQ: tl.constexpr):
     """The row terms (``_row_terms``) of ``BLOCK_M`` rows of one head, where no dQ kernel computes
-    them: for the dK/dV kernel that adds dQ itself (``DQ``)."""
+    them: for the dK/dV kernel that adds dQ itself (``DQ``); with ``ZERO_DQ`` the rows of the
+    float32 dQ it adds into are zeroed too (ring attention's sum keeps what it holds)."""
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -453,6 +455,9 @@ def _attn_bwd_rows(Out, dOut, Lse, dLse, Lse2, Delta, stride_ob, stride_oh, stri
     do = _load_tile(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, q_len, stride_dom,
                     stride_dod, HEAD_DV, BLOCK_DV, True)
     _row_terms(o, do, Lse, dLse, Lse2, Delta, bh.to(tl.int64) * q_len + offs_m, offs_m < q_len)
+    if ZERO_DQ:
+        _store_zeros(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, offs_m, q_len, stride_dqm,
+                     stride_dqd, HEAD_D, BLOCK_M, BLOCK_D)
 
 
 @triton.jit

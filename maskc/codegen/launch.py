@@ -531,20 +531,23 @@ def dq_atomic() -> bool:
 ROWS_BLOCK = 64
 
 
-def _row_terms(structure: Structure, out, d_out, lse, d_lse, lse2, delta) -> None:
+def _row_terms(structure: Structure, out, d_out, lse, d_lse, lse2, delta, dq, zero_dq: bool) -> None:
     """The backward's row terms (LSE in base 2, ``delta``) into ``lse2`` and ``delta``, by their
-    own kernel: with ``dq_atomic``, no dQ kernel computes them."""
-    aligned = _aligned(out, d_out, lse, *([] if d_lse is None else [d_lse]))
-    key = _key("rows", structure, aligned, out, d_out, lse) + (d_lse is None,)
+    own kernel: with ``dq_atomic``, no dQ kernel computes them. With ``zero_dq`` the kernel zeroes
+    the float32 ``dq`` that the dK/dV kernel then adds into (no launch of its own for that)."""
+    aligned = _aligned(out, d_out, lse, dq, *([] if d_lse is None else [d_lse]))
+    key = _key("rows", structure, aligned, out, d_out, lse, dq) + (d_lse is None, zero_dq)
     found = _launches.get(key)
     if found is None:
         grid = (triton.cdiv(structure.q_len, ROWS_BLOCK), out.shape[0] * out.shape[1], 1)
-        fixed = dict(**_strides("o", out), **_strides("do", d_out), n_heads=out.shape[1], q_len=structure.q_len,
-                     BLOCK_M=ROWS_BLOCK, HEAD_DV=out.shape[-1], BLOCK_DV=tuning.head_bucket(out.shape[-1]))
+        fixed = dict(**_strides("o", out), **_strides("do", d_out), **_strides("dq", dq), n_heads=out.shape[1],
+                     q_len=structure.q_len, BLOCK_M=ROWS_BLOCK, HEAD_D=dq.shape[-1],
+                     BLOCK_D=tuning.head_bucket(dq.shape[-1]), HEAD_DV=out.shape[-1],
+                     BLOCK_DV=tuning.head_bucket(out.shape[-1]), ZERO_DQ=zero_dq)
         found = _launches[key] = Launch(kernels._attn_bwd_rows, grid, fixed,
-                                        ("Out", "dOut", "Lse", "dLse", "Lse2", "Delta"),
+                                        ("Out", "dOut", "Lse", "dLse", "Lse2", "Delta", "dQ"),
                                         tuning.TileConfig(ROWS_BLOCK, ROWS_BLOCK, 4, 1), {}, aligned)
-    found((out, d_out, lse, d_lse, lse2, delta))
+    found((out, d_out, lse, d_lse, lse2, delta, dq))
 
 
 def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d_lse, scale: float, dq_sum=None):
@@ -557,8 +560,8 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
     atomic = dq_atomic()
     if dq_sum is not None:
         dq = dq_sum
-    elif atomic:  # the float32 sum the dK/dV kernel adds into
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    elif atomic:  # the float32 sum the dK/dV kernel adds into (zeroed by the row terms' kernel)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     else:
         dq = torch.empty_like(q)
     # written by the dQ kernel for every row (``rows`` apart a head), read by dK/dV
@@ -600,7 +603,7 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
     flags = (dq_sum is not None, d_lse is None)  # what else the dQ kernels are compiled for
     # the row terms first, which dK/dV reads: by the dQ kernel, or with atomics by their own
     if atomic:
-        _row_terms(structure, out, d_out, lse, d_lse, lse2, delta)
+        _row_terms(structure, out, d_out, lse, d_lse, lse2, delta, dq, dq_sum is None)
     elif not _run_sm90("dq", structure, (q, k, v, out, d_out, dq),
                        (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale), flags):
         launch("dq", key + flags,
