@@ -523,7 +523,8 @@ def dq_atomic() -> bool:
     each step's ``dS K`` into a float32 sum (``kernels._dkdv_tiles``) after a kernel of the row
     terms, instead of the dQ kernel computing ``S`` and ``dP`` again, which makes a tile's five
     products instead of seven; the order of the additions, and so dQ's last bits, vary from run
-    to run. The Triton kernels alone: the sm_90 ones keep their own dQ kernel."""
+    to run. The Triton kernels then run the whole backward, also where the sm_90 ones would
+    (``MASKC_GLUON_BACKWARD=1``)."""
     return os.environ.get("MASKC_DQ_ATOMIC", "0") == "1"
 
 
