@@ -187,7 +187,7 @@ def test_the_row_terms_kernel_zeroes_the_dq_the_dkdv_kernel_adds_into():
     lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
     for zero in (True, False):
         dq = torch.full((1, 2, n, 16), float("nan"))
-        launch._row_terms(plan.structure, out, d_out, lse, None, lse2, delta, dq, zero)
+        launch._launch_row_terms(plan.structure, out, d_out, lse, None, lse2, delta, dq, zero)
         assert (dq == 0).all() if zero else dq.isnan().all()
         torch.testing.assert_close(delta, (out * d_out).sum(-1))
         torch.testing.assert_close(lse2, lse * math.log2(math.e))

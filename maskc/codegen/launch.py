@@ -532,7 +532,7 @@ def dq_atomic() -> bool:
 ROWS_BLOCK = 64
 
 
-def _row_terms(structure: Structure, out, d_out, lse, d_lse, lse2, delta, dq, zero_dq: bool) -> None:
+def _launch_row_terms(structure: Structure, out, d_out, lse, d_lse, lse2, delta, dq, zero_dq: bool) -> None:
     """The backward's row terms (LSE in base 2, ``delta``) into ``lse2`` and ``delta``, by their
     own kernel: with ``dq_atomic``, no dQ kernel computes them. With ``zero_dq`` the kernel zeroes
     the float32 ``dq`` that the dK/dV kernel then adds into (no launch of its own for that)."""
@@ -565,7 +565,7 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     else:
         dq = torch.empty_like(q)
-    # written by the dQ kernel for every row (``rows`` apart a head), read by dK/dV
+    # written for every row (``rows`` apart a head) by the dQ kernel or the row terms' kernel, read by dK/dV
     lse2, delta = (torch.empty(lse.shape, dtype=torch.float32, device=lse.device) for _ in range(2))
     lse = lse.contiguous()  # the kernels index rows bh * q_len + row
     if d_lse is not None:
@@ -604,7 +604,7 @@ def backward(structure: Structure, tables, patterns, q, k, v, out, lse, d_out, d
     flags = (dq_sum is not None, d_lse is None)  # what else the dQ kernels are compiled for
     # the row terms first, which dK/dV reads: by the dQ kernel, or with atomics by their own
     if atomic:
-        _row_terms(structure, out, d_out, lse, d_lse, lse2, delta, dq, dq_sum is None)
+        _launch_row_terms(structure, out, d_out, lse, d_lse, lse2, delta, dq, dq_sum is None)
     elif not _run_sm90("dq", structure, (q, k, v, out, d_out, dq),
                        (q, k, v, out, d_out, dq, lse, d_lse, lse2, delta, tables, qk_scale, scale), flags):
         launch("dq", key + flags,
